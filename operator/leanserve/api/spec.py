@@ -1,0 +1,348 @@
+"""The desired state of an InferenceDeployment: what is served and what it may cost.
+
+These models are the single source of the API: the CRD schema in ``crds/`` is
+generated from them (``make crds``) and ``leanserve validate`` checks local files
+with them. Defaults are chosen so that a spec naming only a model, a latency
+target and a traffic figure is complete.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, WithJsonSchema
+
+from leanserve.api.base import ApiModel, Rule
+
+#: Schemes a model or evaluation URI may use. Anything else (s3 through a
+#: proxy, ftp, data:) is refused: the fetcher only knows how to handle these.
+ALLOWED_URI_SCHEMES: tuple[str, ...] = ("https", "http", "pvc", "configmap", "file")
+
+URI_PATTERN = r"^(" + "|".join(ALLOWED_URI_SCHEMES) + r")://[^\s]+$"
+
+ModelUri = Annotated[
+    str,
+    Field(
+        pattern=URI_PATTERN,
+        max_length=2048,
+        description=(
+            "Where to fetch it from. Allowed schemes: "
+            + ", ".join(f"{s}://" for s in ALLOWED_URI_SCHEMES)
+            + " (pvc://CLAIM/PATH, configmap://NAME/KEY; file:// is for local runs and tests)."
+        ),
+    ),
+]
+
+InstanceTypeName = Annotated[
+    str,
+    Field(pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$", max_length=63),
+]
+
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+def _quantity_from_int(value: Any) -> Any:
+    # YAML reads `cpu: 2` as an integer; the API server's int-or-string does too.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+#: A Kubernetes resource quantity: ``2``, ``500m``, ``4Gi``. An integer or a
+#: string on the wire (``x-kubernetes-int-or-string``), a string once parsed.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_from_int),
+    Field(pattern=QUANTITY_PATTERN, max_length=64),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+        }
+    ),
+]
+
+#: Object-valued fields that carry defaults inside get ``default: {}`` in the
+#: CRD, so that the API server applies the nested defaults when the user
+#: leaves the whole object out (as pydantic does with ``default_factory``).
+EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
+
+
+class EvaluationSpec(ApiModel):
+    """A labelled sample of the user's data, used by the accuracy gate."""
+
+    uri: ModelUri
+    metric: Literal["accuracy", "top1", "mse", "cosine"] = "accuracy"
+    """How a variant is compared with the FP32 original: accuracy or top1 for
+    classifiers, mse (relative error) for regression, cosine for embeddings."""
+
+
+class ModelSpec(ApiModel):
+    """The model to serve."""
+
+    uri: ModelUri
+    format: Literal["onnx", "pytorch"] = "onnx"
+    """onnx, or pytorch (a TorchScript or full-model file, exported to ONNX)."""
+    evaluation: EvaluationSpec | None = None
+    """Labelled data for the accuracy gate. Without it only fp32 is served."""
+
+
+class LatencySpec(ApiModel):
+    """The latency objective: this percentile of request latency under targetMs."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.percentile > 0.0 && self.percentile < 100.0",
+            message="percentile must be in (0, 100), for example 95 or 99.9",
+            check=lambda s: 0.0 < s.percentile < 100.0,
+            field_path=".percentile",
+        ),
+    )
+
+    percentile: float = 95.0
+    """Which latency percentile the objective is about, in (0, 100)."""
+    target_ms: float = Field(gt=0, le=600_000)
+    """The bound on that percentile, in milliseconds, end to end through the pod."""
+
+
+class SlaSpec(ApiModel):
+    """What the service must guarantee."""
+
+    latency: LatencySpec
+    max_accuracy_drop: float = Field(default=0.01, ge=0, le=1)
+    """Largest absolute drop of the evaluation metric a variant (INT8, FP16) may
+    have against the FP32 original: 0.01 is one percentage point of accuracy."""
+
+
+class BudgetSpec(ApiModel):
+    """What it may cost. Both limits are optional; a plan above either is rejected."""
+
+    max_cost_per_million_requests: float | None = Field(default=None, gt=0)
+    """USD per million requests served, cache hits included."""
+    max_monthly_cost: float | None = Field(default=None, gt=0)
+    """USD per month (730 hours) for the serving replicas."""
+
+
+def _profile_within_peak(t: TrafficSpec) -> bool:
+    if t.daily_profile is None or t.peak_rps is None:
+        return True
+    return all(f * t.average_rps <= t.peak_rps for f in t.daily_profile)
+
+
+class TrafficSpec(ApiModel):
+    """The traffic the deployment is sized for."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.peakRps) || self.peakRps >= self.averageRps",
+            message="peakRps must be greater than or equal to averageRps",
+            check=lambda t: t.peak_rps is None or t.peak_rps >= t.average_rps,
+            field_path=".peakRps",
+        ),
+        Rule(
+            cel=(
+                "!has(self.dailyProfile) || !has(self.peakRps) || "
+                "self.dailyProfile.all(f, f * self.averageRps <= self.peakRps)"
+            ),
+            message="dailyProfile factors times averageRps must not exceed peakRps",
+            check=_profile_within_peak,
+            field_path=".dailyProfile",
+        ),
+    )
+
+    average_rps: float = Field(gt=0, le=1_000_000)
+    """Average requests per second over a day."""
+    peak_rps: float | None = Field(default=None, gt=0, le=1_000_000)
+    """Peak requests per second. Default: 3x averageRps."""
+    daily_profile: list[Annotated[float, Field(ge=0, le=100)]] | None = Field(
+        default=None, min_length=24, max_length=24
+    )
+    """24 hourly factors (UTC hour 0 to 23) multiplying averageRps. Default: a
+    shape derived from averageRps and peakRps."""
+
+    def effective_peak_rps(self) -> float:
+        """The peak used for sizing: the declared one, or 3x the average."""
+        return self.peak_rps if self.peak_rps is not None else 3.0 * self.average_rps
+
+
+class BatchingSpec(ApiModel):
+    """Dynamic batching in the sidecar."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.mode != 'fixed' || (has(self.maxBatchSize) && has(self.maxWaitMs))",
+            message="mode fixed needs both maxBatchSize and maxWaitMs",
+            check=lambda b: b.mode != "fixed" or (b.max_batch_size is not None and b.max_wait_ms is not None),
+            field_path=".mode",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.mode != 'off' || (!has(self.maxBatchSize) && !has(self.maxWaitMs))",
+            message="mode off takes neither maxBatchSize nor maxWaitMs",
+            check=lambda b: b.mode != "off" or (b.max_batch_size is None and b.max_wait_ms is None),
+            field_path=".mode",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    mode: Literal["auto", "fixed", "off"] = "auto"
+    """auto: the planner picks the policy (maxBatchSize, if set, caps its search);
+    fixed: use maxBatchSize and maxWaitMs as given; off: one request per call."""
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    """Largest batch sent to the model server."""
+    max_wait_ms: float | None = Field(default=None, ge=0, le=1000)
+    """Longest time the oldest request of a batch waits for the batch to fill."""
+
+
+class ExactCacheSpec(ApiModel):
+    """Response cache keyed by a canonical hash of the request inputs."""
+
+    enabled: bool = True
+    ttl_seconds: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+    """How long a cached response is served."""
+    exclude_fields: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, max_length=64
+    )
+    """Input or parameter names left out of the cache key (request ids, timestamps)."""
+    expected_hit_rate: float = Field(default=0.0, ge=0, le=0.99)
+    """The planner's estimate of the hit rate until one is observed."""
+
+
+class SemanticCacheSpec(ApiModel):
+    """Cache for text inputs keyed by embedding similarity."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.threshold > 0.0 && self.threshold <= 1.0",
+            message="threshold is a cosine similarity in (0, 1]",
+            check=lambda s: 0.0 < s.threshold <= 1.0,
+            field_path=".threshold",
+        ),
+    )
+
+    enabled: bool = False
+    threshold: float = 0.97
+    """Cosine similarity above which a cached response is served, in (0, 1]."""
+    embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=253)
+    """The embedder; the default ships with the serving image and runs offline."""
+    max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
+    """Size bound of the index; the least recently used entries are evicted."""
+
+
+class RedisSpec(ApiModel):
+    """Where the caches live: an existing Redis (url) or one the operator manages."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!(has(self.url) && has(self.managed) && self.managed)",
+            message="set either url (an existing Redis) or managed: true, not both",
+            check=lambda r: not (r.url is not None and r.managed),
+            field_path=".managed",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="has(self.url) || !has(self.managed) || self.managed",
+            message="managed: false needs a url",
+            check=lambda r: r.url is not None or r.managed is not False,
+            field_path=".url",
+            reason="FieldValueRequired",
+        ),
+    )
+
+    url: str | None = Field(default=None, pattern=r"^rediss?://[^\s]+$", max_length=2048)
+    """redis:// or rediss:// URL of an existing Redis."""
+    managed: bool | None = None
+    """Run a Redis for this deployment. Default: true when no url is given."""
+
+
+class CacheSpec(ApiModel):
+    """Response caching in the sidecar."""
+
+    exact: ExactCacheSpec = Field(default_factory=ExactCacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    semantic: SemanticCacheSpec = Field(default_factory=SemanticCacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    redis: RedisSpec = Field(default_factory=RedisSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+
+
+def _warm_pool_within_max(a: AutoscalingSpec) -> bool:
+    return a.max_replicas is None or a.warm_pool <= a.max_replicas
+
+
+class AutoscalingSpec(ApiModel):
+    """The HorizontalPodAutoscaler the operator writes."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="!has(self.maxReplicas) || self.warmPool <= self.maxReplicas",
+            message="warmPool must not exceed maxReplicas",
+            check=_warm_pool_within_max,
+            field_path=".warmPool",
+        ),
+    )
+
+    warm_pool: int = Field(default=1, ge=0, le=1000)
+    """Replicas kept running at all times (minReplicas). Raised to 1 on GPU types,
+    where a cold start takes minutes."""
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    """Upper bound of the HPA. Default: what the budget allows, or the peak sizing."""
+    scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
+    """How long load must stay low before replicas are removed."""
+
+
+class ResourceOverrides(ApiModel):
+    """Container resources, overriding what the planner sizes."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+
+class ServingSpec(ApiModel):
+    """Overrides for the serving pods."""
+
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Serving image for CPU types. Default: the operator's matching release."""
+    gpu_image: str | None = Field(default=None, min_length=1, max_length=1024)
+    """Serving image for GPU types. Default: the operator's matching release."""
+    resources: ResourceOverrides | None = None
+
+
+def _unique(names: list[str]) -> list[str]:
+    # The CRD marks the list x-kubernetes-list-type: set; this is its local twin.
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate instance type(s): {', '.join(dupes)}")
+    return names
+
+
+def _int8_needs_evaluation(s: InferenceDeploymentSpec) -> bool:
+    return s.precision != "int8" or s.model.evaluation is not None
+
+
+class InferenceDeploymentSpec(ApiModel):
+    """What to serve, the objective it must meet and what it may cost."""
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.precision != 'int8' || has(self.model.evaluation)",
+            message="precision int8 needs model.evaluation: the accuracy gate must be measured",
+            check=_int8_needs_evaluation,
+            field_path=".model",
+            reason="FieldValueRequired",
+        ),
+    )
+
+    model: ModelSpec
+    sla: SlaSpec
+    traffic: TrafficSpec
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    candidates: Annotated[list[InstanceTypeName], AfterValidator(_unique)] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    """Instance types to consider. Default (empty): every type in the price table."""
+    precision: Literal["auto", "fp32", "int8", "fp16"] = "auto"
+    """auto: the cheapest precision that passes the accuracy gate."""
+    batching: BatchingSpec = Field(default_factory=BatchingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    cache: CacheSpec = Field(default_factory=CacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    serving: ServingSpec = Field(default_factory=ServingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)

@@ -1,0 +1,126 @@
+"""The observed state of an InferenceDeployment, written by the operator only.
+
+Status is a subresource: users never write it, and the schema is lenient (every
+field optional) so that an older operator's status never blocks a newer one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from leanserve.api.base import ApiModel
+
+Phase = Literal["Pending", "Profiling", "Planning", "Deploying", "Ready", "Degraded", "Failed"]
+
+#: The condition types the operator maintains.
+CONDITION_TYPES: tuple[str, ...] = ("Planned", "Deployed", "Available", "WithinBudget")
+
+
+class Condition(ApiModel):
+    """The standard Kubernetes condition shape (metav1.Condition)."""
+
+    type: str = Field(min_length=1, max_length=316)
+    """Planned, Deployed, Available or WithinBudget."""
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase machine-readable cause."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable detail."""
+    last_transition_time: datetime
+    """When status last changed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation this condition was computed for."""
+
+
+class ReplicaPlan(ApiModel):
+    """How many replicas the plan runs."""
+
+    min: int | None = Field(default=None, ge=0)
+    """HPA minReplicas (the warm pool)."""
+    max: int | None = Field(default=None, ge=0)
+    """HPA maxReplicas (capped by the budget)."""
+    average: float | None = Field(default=None, ge=0)
+    """Replicas needed at average traffic, time-weighted over the day."""
+    peak: int | None = Field(default=None, ge=0)
+    """Replicas needed at peak traffic."""
+
+
+class PlanStatus(ApiModel):
+    """The configuration the planner chose."""
+
+    instance_type: str | None = None
+    precision: str | None = None
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_wait_ms: float | None = Field(default=None, ge=0)
+    replicas: ReplicaPlan | None = None
+    capacity_rps_per_replica: float | None = Field(default=None, ge=0)
+    """Highest per-replica request rate that keeps the SLA (predicted)."""
+    predicted_latency_ms: float | None = Field(default=None, ge=0)
+    """Predicted latency at the SLA percentile at the planned per-replica rate."""
+    cost_per_million_requests: float | None = Field(default=None, ge=0)
+    """Predicted USD per million requests."""
+    monthly_cost: float | None = Field(default=None, ge=0)
+    """Predicted USD per month."""
+    profile_keys: list[str] = Field(default_factory=list)
+    """The profiles the plan was computed from."""
+
+
+class CandidateRow(ApiModel):
+    """One row of the ranked table of configurations the planner considered."""
+
+    rank: int = Field(ge=1)
+    instance_type: str
+    precision: str
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_wait_ms: float | None = Field(default=None, ge=0)
+    feasible: bool
+    predicted_latency_ms: float | None = Field(default=None, ge=0)
+    capacity_rps_per_replica: float | None = Field(default=None, ge=0)
+    replicas_average: float | None = Field(default=None, ge=0)
+    replicas_peak: int | None = Field(default=None, ge=0)
+    cost_per_million_requests: float | None = Field(default=None, ge=0)
+    monthly_cost: float | None = Field(default=None, ge=0)
+    accuracy_drop: float | None = None
+    reason: str = ""
+    """Why it lost (over SLA, over budget, accuracy gate, unschedulable), or empty."""
+
+
+class SavingsStep(ApiModel):
+    """One step of the savings waterfall, from the naive baseline to the plan."""
+
+    lever: str
+    """baseline, quantization, batching, right-sizing, caching, autoscaling or plan."""
+    cost_per_million_requests: float = Field(ge=0)
+    """USD per million requests after this step."""
+    description: str = ""
+
+
+class ObservedStatus(ApiModel):
+    """What Prometheus says the deployment actually does."""
+
+    rps: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    cache_hit_rate: float | None = Field(default=None, ge=0, le=1)
+    cost_per_million_requests: float | None = Field(default=None, ge=0)
+    window_seconds: int | None = Field(default=None, ge=1)
+    updated_at: datetime | None = None
+
+
+class InferenceDeploymentStatus(ApiModel):
+    """Where the deployment stands and how the operator got there."""
+
+    phase: Phase | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(default=None, ge=0)
+    replicas: int | None = Field(default=None, ge=0)
+    """Replicas of the serving Deployment that are ready."""
+    plan: PlanStatus | None = None
+    candidates: list[CandidateRow] = Field(default_factory=list)
+    savings: list[SavingsStep] = Field(default_factory=list)
+    observed: ObservedStatus | None = None

@@ -1,0 +1,72 @@
+"""``leanserve demo``: the main job on an embedded default, no cluster needed.
+
+Until the planner lands this validates the shipped examples and prints what
+each one asks for; the planner issue replaces it with the whole pipeline
+(build reference models, profile, plan, serve, measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from leanserve.api.resource import InferenceDeployment
+from leanserve.api.validation import validate_file
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the main job locally on the shipped examples")
+    p.add_argument("--examples", type=Path, default=Path("examples"), help="folder of InferenceDeployment YAML")
+    p.set_defaults(func=run)
+
+
+def _row(d: InferenceDeployment) -> list[str]:
+    s = d.spec
+    latency = s.sla.latency
+    budget = s.budget
+    cost = f"${budget.max_cost_per_million_requests:g}/1M" if budget.max_cost_per_million_requests else "-"
+    monthly = f"${budget.max_monthly_cost:g}/mo" if budget.max_monthly_cost else "-"
+    caches = [k for k, on in (("exact", s.cache.exact.enabled), ("semantic", s.cache.semantic.enabled)) if on]
+    return [
+        d.metadata.name,
+        f"{s.model.format} {s.model.uri.split('://', 1)[0]}://",
+        f"p{latency.percentile:g} < {latency.target_ms:g} ms",
+        f"{s.sla.max_accuracy_drop:.1%}",
+        f"{s.traffic.average_rps:g} / {s.traffic.effective_peak_rps():g}",
+        f"{cost} {monthly}",
+        ", ".join(s.candidates) or "(price table)",
+        s.precision,
+        ", ".join(caches) or "off",
+        str(s.autoscaling.warm_pool),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and CI: do not squeeze the table into 80 columns
+    files = sorted(args.examples.glob("*.yaml"))
+    if not files:
+        console.print(f"[red]no examples found in {args.examples}[/red] (run from the repository root)")
+        return 1
+    console.print(f"validating {len(files)} example(s) in {args.examples}/ against the InferenceDeployment API")
+    table = Table(title="InferenceDeployments (the planner issue turns these into plans)")
+    for col in ("name", "model", "SLA", "max acc. drop", "avg / peak rps", "budget", "candidates",
+                "precision", "cache", "warm pool"):  # fmt: skip
+        table.add_column(col)
+    invalid = 0
+    for path in files:
+        for result in validate_file(path):
+            if result.resource is not None:
+                table.add_row(*_row(result.resource))
+            elif not result.skipped:
+                invalid += 1
+                for err in result.errors:
+                    console.print(f"[red]{result.source}: {err.format()}[/red]")
+    console.print(table)
+    print(json.dumps({"examples": len(files), "valid": table.row_count, "invalid": invalid}))
+    return 1 if invalid else 0
