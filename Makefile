@@ -8,13 +8,15 @@ EXTRAS  = operator,serving,dev
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
-.PHONY: help demo test unit lint fmt crds crds-check clean
+.PHONY: help demo test unit lint fmt crds crds-check system-deps controlplane cluster-up cluster-down clean
 
 help:
 	@echo "make demo   run the main job locally on the shipped examples (no cluster needed)"
 	@echo "make test   create $(VENV), install everything, run lint and the whole test suite"
 	@echo "make crds   regenerate crds/ from the pydantic models"
 	@echo "make lint   ruff check + format check;  make fmt: apply ruff format and fixes"
+	@echo "make cluster-up [GPU_POOL=0]   start a local control plane (etcd, apiserver, kwok nodes)"
+	@echo "make cluster-down              stop it"
 
 # The virtualenv is rebuilt when the project's metadata or the pins change.
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -26,7 +28,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: $(BIN)/.installed
 	$(BIN)/leanserve demo --examples examples
 
-test: $(BIN)/.installed lint crds-check
+test: system-deps $(BIN)/.installed lint crds-check controlplane
 	$(BIN)/python -m pytest
 
 unit: $(BIN)/.installed
@@ -45,6 +47,21 @@ crds: $(BIN)/.installed
 
 crds-check: $(BIN)/.installed
 	$(BIN)/leanserve crds --out crds --check
+
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+# Build (or find cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm.
+controlplane: system-deps
+	@bash hack/controlplane/build.sh >/dev/null
+
+# A control plane on loopback with simulated node pools; prints the KUBECONFIG to use.
+# GPU_POOL=0 starts it without the g4dn.xlarge pool (CPU fallback).
+cluster-up: controlplane
+	@GPU_POOL=$(or $(GPU_POOL),1) $(PYTHON) hack/controlplane/controlplane.py up
+
+cluster-down:
+	@$(PYTHON) hack/controlplane/controlplane.py down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

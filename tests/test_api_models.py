@@ -77,14 +77,25 @@ def test_status_accepts_what_the_operator_writes(minimal_doc):
         "phase": "Ready",
         "observedGeneration": 3,
         "replicas": 2,
-        "conditions": [{"type": "Planned", "status": "True", "reason": "PlanFound",
-                        "message": "g4dn.xlarge int8", "lastTransitionTime": "2026-11-24T10:00:00Z"}],
-        "plan": {"instanceType": "g4dn.xlarge", "precision": "int8", "costPerMillionRequests": 2.1,
-                 "replicas": {"min": 1, "max": 4, "average": 1.4, "peak": 3}},
+        "conditions": [
+            {
+                "type": "Planned",
+                "status": "True",
+                "reason": "PlanFound",
+                "message": "g4dn.xlarge int8",
+                "lastTransitionTime": "2026-11-24T10:00:00Z",
+            }
+        ],
+        "plan": {
+            "instanceType": "g4dn.xlarge",
+            "precision": "int8",
+            "costPerMillionRequests": 2.1,
+            "replicas": {"min": 1, "max": 4, "average": 1.4, "peak": 3},
+        },
         "candidates": [{"rank": 1, "instanceType": "g4dn.xlarge", "precision": "int8", "feasible": True}],
         "savings": [{"lever": "baseline", "costPerMillionRequests": 80.0}],
         "observed": {"p95Ms": 41.5, "cacheHitRate": 0.18},
-    }  # fmt: skip
+    }
     status = InferenceDeployment.model_validate(minimal_doc).status
     assert status is not None and status.plan is not None
     assert status.conditions[0].last_transition_time.year == 2026

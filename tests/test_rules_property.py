@@ -67,8 +67,22 @@ def _pydantic_accepts(doc: dict[str, Any]) -> bool:
     precision=st.sampled_from(["auto", "fp32", "int8", "fp16"]),
     evaluation=st.booleans(),
 )
-def test_python_rules_agree_with_cel(average, peak, profile, warm_pool, max_replicas, percentile, threshold,
-                                     mode, batch, wait, redis_url, managed, precision, evaluation):  # fmt: skip
+def test_python_rules_agree_with_cel(
+    average,
+    peak,
+    profile,
+    warm_pool,
+    max_replicas,
+    percentile,
+    threshold,
+    mode,
+    batch,
+    wait,
+    redis_url,
+    managed,
+    precision,
+    evaluation,
+):
     doc = copy.deepcopy(BASE)
     spec = doc["spec"]
     traffic = {"averageRps": average, "peakRps": peak, "dailyProfile": profile}
@@ -82,5 +96,5 @@ def test_python_rules_agree_with_cel(average, peak, profile, warm_pool, max_repl
     spec["batching"] = {"mode": mode} | {k: v for k, v in (("maxBatchSize", batch), ("maxWaitMs", wait)) if v}
     spec["precision"] = precision
     if evaluation:
-        spec["model"]["evaluation"] = {"uri": "file:///eval.npz"}  # fmt: skip
+        spec["model"]["evaluation"] = {"uri": "file:///eval.npz"}
     assert _pydantic_accepts(doc) == _cel_accepts(doc), doc

@@ -54,8 +54,9 @@ def test_json_output_lists_path_value_and_reason(minimal_doc, tmp_path):
     assert result.returncode == 1
     [doc] = json.loads(result.stdout)
     assert doc["valid"] is False
-    assert doc["errors"] == [{"path": "spec.traffic.peakRps", "value": 10,
-                              "reason": "peakRps must be greater than or equal to averageRps"}]  # fmt: skip
+    assert doc["errors"] == [
+        {"path": "spec.traffic.peakRps", "value": 10, "reason": "peakRps must be greater than or equal to averageRps"}
+    ]
 
 
 def test_multi_document_file_reports_each_document(minimal_doc, tmp_path):

@@ -62,10 +62,15 @@ Quantity = Annotated[
     ),
 ]
 
-#: Object-valued fields that carry defaults inside get ``default: {}`` in the
-#: CRD, so that the API server applies the nested defaults when the user
-#: leaves the whole object out (as pydantic does with ``default_factory``).
-EMPTY_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
+
+def defaulted(model: type[ApiModel]) -> Any:
+    """A field whose default is ``model()``, with that default written into the CRD.
+
+    The API server applies nested defaults only inside objects that exist, and
+    it checks an object's default against its CEL rules, so the CRD default is
+    the model's full default value (``{mode: auto}``), not ``{}``.
+    """
+    return Field(default_factory=model, json_schema_extra={"default": model().to_api()})
 
 
 class EvaluationSpec(ApiModel):
@@ -258,9 +263,9 @@ class RedisSpec(ApiModel):
 class CacheSpec(ApiModel):
     """Response caching in the sidecar."""
 
-    exact: ExactCacheSpec = Field(default_factory=ExactCacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    semantic: SemanticCacheSpec = Field(default_factory=SemanticCacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    redis: RedisSpec = Field(default_factory=RedisSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    exact: ExactCacheSpec = defaulted(ExactCacheSpec)
+    semantic: SemanticCacheSpec = defaulted(SemanticCacheSpec)
+    redis: RedisSpec = defaulted(RedisSpec)
 
 
 def _warm_pool_within_max(a: AutoscalingSpec) -> bool:
@@ -333,7 +338,7 @@ class InferenceDeploymentSpec(ApiModel):
     model: ModelSpec
     sla: SlaSpec
     traffic: TrafficSpec
-    budget: BudgetSpec = Field(default_factory=BudgetSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    budget: BudgetSpec = defaulted(BudgetSpec)
     candidates: Annotated[list[InstanceTypeName], AfterValidator(_unique)] = Field(
         default_factory=list,
         max_length=64,
@@ -342,7 +347,7 @@ class InferenceDeploymentSpec(ApiModel):
     """Instance types to consider. Default (empty): every type in the price table."""
     precision: Literal["auto", "fp32", "int8", "fp16"] = "auto"
     """auto: the cheapest precision that passes the accuracy gate."""
-    batching: BatchingSpec = Field(default_factory=BatchingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    cache: CacheSpec = Field(default_factory=CacheSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
-    serving: ServingSpec = Field(default_factory=ServingSpec, json_schema_extra=EMPTY_OBJECT_DEFAULT)
+    batching: BatchingSpec = defaulted(BatchingSpec)
+    cache: CacheSpec = defaulted(CacheSpec)
+    autoscaling: AutoscalingSpec = defaulted(AutoscalingSpec)
+    serving: ServingSpec = defaulted(ServingSpec)

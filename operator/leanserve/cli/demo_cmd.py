@@ -55,8 +55,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     console.print(f"validating {len(files)} example(s) in {args.examples}/ against the InferenceDeployment API")
     table = Table(title="InferenceDeployments (the planner issue turns these into plans)")
-    for col in ("name", "model", "SLA", "max acc. drop", "avg / peak rps", "budget", "candidates",
-                "precision", "cache", "warm pool"):  # fmt: skip
+    for col in (
+        "name",
+        "model",
+        "SLA",
+        "max acc. drop",
+        "avg / peak rps",
+        "budget",
+        "candidates",
+        "precision",
+        "cache",
+        "warm pool",
+    ):
         table.add_column(col)
     invalid = 0
     for path in files:

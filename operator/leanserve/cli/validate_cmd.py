@@ -37,11 +37,22 @@ def _text(result: DocumentResult) -> str:
 def run(args: argparse.Namespace) -> int:
     results = [r for path in args.files for r in validate_file(path)]
     if args.output == "json":
-        print(json.dumps([
-            {"source": r.source, "name": r.name, "valid": r.valid, "skipped": r.skipped,
-             "errors": [e.to_json() for e in r.errors]}
-            for r in results
-        ], indent=2, default=str))  # fmt: skip
+        print(
+            json.dumps(
+                [
+                    {
+                        "source": r.source,
+                        "name": r.name,
+                        "valid": r.valid,
+                        "skipped": r.skipped,
+                        "errors": [e.to_json() for e in r.errors],
+                    }
+                    for r in results
+                ],
+                indent=2,
+                default=str,
+            )
+        )
     else:
         for r in results:
             print(_text(r))
