@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -26,19 +27,23 @@ def load_example(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+#: The smallest valid InferenceDeployment: a model, a latency target, a traffic figure.
+MINIMAL_DOC: dict[str, Any] = {
+    "apiVersion": "leanserve.dev/v1alpha1",
+    "kind": "InferenceDeployment",
+    "metadata": {"name": "minimal"},
+    "spec": {
+        "model": {"uri": "file:///models/m.onnx"},
+        "sla": {"latency": {"targetMs": 100}},
+        "traffic": {"averageRps": 100},
+    },
+}
+
+
 @pytest.fixture
 def minimal_doc() -> dict[str, Any]:
-    """The smallest valid InferenceDeployment: a model, a latency target, a traffic figure."""
-    return {
-        "apiVersion": "leanserve.dev/v1alpha1",
-        "kind": "InferenceDeployment",
-        "metadata": {"name": "minimal"},
-        "spec": {
-            "model": {"uri": "file:///models/m.onnx"},
-            "sla": {"latency": {"targetMs": 100}},
-            "traffic": {"averageRps": 100},
-        },
-    }
+    """A fresh copy of :data:`MINIMAL_DOC` that a test may change."""
+    return copy.deepcopy(MINIMAL_DOC)
 
 
 @pytest.fixture(scope="session")

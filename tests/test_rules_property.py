@@ -16,18 +16,9 @@ from pydantic import ValidationError
 from leanserve.api import InferenceDeployment
 from leanserve.api.crd import render_crd
 from tests import crd_schema
+from tests.conftest import MINIMAL_DOC
 
 SCHEMA = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-BASE: dict[str, Any] = {
-    "apiVersion": "leanserve.dev/v1alpha1",
-    "kind": "InferenceDeployment",
-    "metadata": {"name": "prop"},
-    "spec": {
-        "model": {"uri": "file:///m.onnx"},
-        "sla": {"latency": {"targetMs": 100}},
-        "traffic": {"averageRps": 100},
-    },
-}
 
 rps = st.floats(min_value=0.5, max_value=1000, allow_nan=False)
 maybe = st.one_of(st.none(), st.just(True))
@@ -83,7 +74,7 @@ def test_python_rules_agree_with_cel(
     precision,
     evaluation,
 ):
-    doc = copy.deepcopy(BASE)
+    doc = copy.deepcopy(MINIMAL_DOC)
     spec = doc["spec"]
     traffic = {"averageRps": average, "peakRps": peak, "dailyProfile": profile}
     spec["traffic"] = {k: v for k, v in traffic.items() if v is not None}

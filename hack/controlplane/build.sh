@@ -43,7 +43,7 @@ if [ ${#missing[@]} -eq 0 ]; then
 fi
 
 mkdir -p "$bin"
-export CGO_ENABLED=0 GOFLAGS="-mod=mod -trimpath"
+export CGO_ENABLED=0 GOFLAGS="-mod=readonly -trimpath"  # the pins are the committed go.mod/go.sum, never rewritten
 build_date="2000-01-01T00:00:00Z"  # fixed: the same pins give the same binaries
 
 timed() {  # timed LABEL DIR -- go build args...

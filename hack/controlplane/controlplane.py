@@ -111,6 +111,7 @@ class ControlPlane:
     etcd_port: int = int(os.environ.get("LEANSERVE_ETCD_PORT", "23790"))
     apiserver_port: int = int(os.environ.get("LEANSERVE_APISERVER_PORT", "16443"))
     timings: dict[str, float] = field(default_factory=dict)
+    _children: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
 
     # ---- paths -----------------------------------------------------------------
     @property
@@ -191,6 +192,9 @@ class ControlPlane:
                 time.sleep(0.1)
             if pid and _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+        for child in self._children:  # reap what this process started (no zombies left behind)
+            child.wait(timeout=10)
+        self._children.clear()
         if self.root.exists():
             shutil.rmtree(self.root)
         if not quiet:
@@ -301,36 +305,25 @@ class ControlPlane:
         _run(
             ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", subject]
         )
-        _run(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                str(csr),
-                "-CA",
-                str(self._pki("ca.crt")),
-                "-CAkey",
-                str(self._pki("ca.key")),
-                "-CAcreateserial",
-                "-days",
-                "3650",
-                "-out",
-                str(crt),
-                "-extfile",
-                str(ext),
-            ]
-        )
+        ca, ca_key = self._pki("ca.crt"), self._pki("ca.key")
+        signing = f"x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -days 3650 -out {crt} -extfile {ext}"
+        _run(["openssl", *signing.split()])  # the paths are ours and contain no spaces
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         """Start a process in its own session (it outlives `make cluster-up`), logging to a file."""
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         (self.root / "pids").mkdir(parents=True, exist_ok=True)
-        log = (self.root / "logs" / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root
-        )
+        with (self.root / "logs" / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.root,
+            )
         (self.root / "pids" / f"{name}.pid").write_text(str(proc.pid))
+        self._children.append(proc)
 
     def _wait(self, what: str, probe: Any, timeout: float, log_name: str) -> None:
         start = time.monotonic()
@@ -349,138 +342,83 @@ class ControlPlane:
         raise RuntimeError(f"{what} did not become ready within {timeout:.0f} s; last log lines:\n{tail}")
 
     def _start_etcd(self, bin_dir: Path) -> None:
-        peer = self.etcd_port + 1
-        self._spawn(
-            "etcd",
-            [
-                str(bin_dir / "etcd"),
-                "--name",
-                "leanserve",
-                "--data-dir",
-                str(self.root / "etcd"),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-cluster",
-                f"leanserve=http://127.0.0.1:{peer}",
-                "--unsafe-no-fsync",
-                "--quota-backend-bytes",
-                str(2 * 1024**3),
-                "--log-level",
-                "warn",
-            ],
-        )
+        client_url = f"http://127.0.0.1:{self.etcd_port}"
+        peer_url = f"http://127.0.0.1:{self.etcd_port + 1}"
+        flags = {
+            "name": "leanserve",
+            "data-dir": self.root / "etcd",
+            "listen-client-urls": client_url,
+            "advertise-client-urls": client_url,
+            "listen-peer-urls": peer_url,
+            "initial-advertise-peer-urls": peer_url,
+            "initial-cluster": f"leanserve={peer_url}",
+            "unsafe-no-fsync": "true",  # test data: speed over durability
+            "quota-backend-bytes": 2 * 1024**3,
+            "log-level": "warn",
+        }
+        self._spawn("etcd", [str(bin_dir / "etcd"), *_flags(flags)])
 
         def probe() -> bool:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.etcd_port}/health", timeout=2) as resp:
+            with urllib.request.urlopen(f"{client_url}/health", timeout=2) as resp:
                 return json.loads(resp.read()).get("health") == "true"
 
         self._wait("etcd", probe, 30, "etcd")
 
     def _start_apiserver(self, bin_dir: Path) -> None:
         pki = self._pki
-        self._spawn(
-            "kube-apiserver",
-            [
-                str(bin_dir / "kube-apiserver"),
-                "--etcd-servers",
-                f"http://127.0.0.1:{self.etcd_port}",
-                "--bind-address",
-                "127.0.0.1",
-                "--advertise-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(self.apiserver_port),
-                "--tls-cert-file",
-                str(pki("apiserver.crt")),
-                "--tls-private-key-file",
-                str(pki("apiserver.key")),
-                "--client-ca-file",
-                str(pki("ca.crt")),
-                "--service-account-issuer",
-                "https://kubernetes.default.svc.cluster.local",
-                "--service-account-key-file",
-                str(pki("sa.pub")),
-                "--service-account-signing-key-file",
-                str(pki("sa.key")),
-                "--service-cluster-ip-range",
-                "10.96.0.0/16",
-                "--authorization-mode",
-                "RBAC",
-                "--allow-privileged=false",
-                "--profiling=false",
-                "--v=1",
-            ],
-        )
+        flags = {
+            "etcd-servers": f"http://127.0.0.1:{self.etcd_port}",
+            "bind-address": "127.0.0.1",
+            "advertise-address": "127.0.0.1",
+            "secure-port": self.apiserver_port,
+            "tls-cert-file": pki("apiserver.crt"),
+            "tls-private-key-file": pki("apiserver.key"),
+            "client-ca-file": pki("ca.crt"),
+            "service-account-issuer": "https://kubernetes.default.svc.cluster.local",
+            "service-account-key-file": pki("sa.pub"),
+            "service-account-signing-key-file": pki("sa.key"),
+            "service-cluster-ip-range": "10.96.0.0/16",
+            "authorization-mode": "RBAC",  # real authorization: the operator's RBAC is tested against it
+            "allow-privileged": "false",
+            "profiling": "false",
+            "v": 1,
+        }
+        self._spawn("kube-apiserver", [str(bin_dir / "kube-apiserver"), *_flags(flags)])
         self._wait("kube-apiserver", lambda: self._get("/readyz", timeout=2) == "ok", 90, "kube-apiserver")
 
     def _start_controllers(self, bin_dir: Path) -> None:
-        kc = str(self.kubeconfig)
-        auth = [
-            "--kubeconfig",
-            kc,
-            "--authentication-kubeconfig",
-            kc,
-            "--authorization-kubeconfig",
-            kc,
-            "--bind-address",
-            "127.0.0.1",
-            "--leader-elect=false",
-            "--v=1",
-        ]
-        self._spawn(
-            "kube-controller-manager",
-            [
-                str(bin_dir / "kube-controller-manager"),
-                *auth,
-                "--secure-port",
-                str(self.apiserver_port + 1),
-                "--service-account-private-key-file",
-                str(self._pki("sa.key")),
-                "--root-ca-file",
-                str(self._pki("ca.crt")),
-                "--cluster-signing-cert-file",
-                str(self._pki("ca.crt")),
-                "--cluster-signing-key-file",
-                str(self._pki("ca.key")),
-                "--use-service-account-credentials=false",
-            ],
-        )
-        self._spawn(
-            "kube-scheduler",
-            [
-                str(bin_dir / "kube-scheduler"),
-                *auth,
-                "--secure-port",
-                str(self.apiserver_port + 2),
-            ],
-        )
-        self._spawn(
-            "kwok",
-            [
-                str(bin_dir / "kwok"),
-                "--kubeconfig",
-                kc,
-                "--config",
-                str(HERE / "kwok.yaml"),
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector",
-                "kwok.x-k8s.io/node=fake",
-                "--cidr",
-                "10.244.0.0/16",
-                "--node-ip",
-                "10.0.0.1",
-                "--node-lease-duration-seconds",
-                "40",
-                "--server-address",
-                f"127.0.0.1:{self.apiserver_port + 3}",
-            ],
-        )
+        kubeconfig = self.kubeconfig
+        common = {
+            "kubeconfig": kubeconfig,
+            "authentication-kubeconfig": kubeconfig,
+            "authorization-kubeconfig": kubeconfig,
+            "bind-address": "127.0.0.1",
+            "leader-elect": "false",
+            "v": 1,
+        }
+        controller_manager = {
+            **common,
+            "secure-port": self.apiserver_port + 1,
+            "service-account-private-key-file": self._pki("sa.key"),
+            "root-ca-file": self._pki("ca.crt"),
+            "cluster-signing-cert-file": self._pki("ca.crt"),
+            "cluster-signing-key-file": self._pki("ca.key"),
+            "use-service-account-credentials": "false",
+        }
+        kwok = {
+            "kubeconfig": kubeconfig,
+            "config": HERE / "kwok.yaml",
+            "manage-all-nodes": "false",
+            "manage-nodes-with-annotation-selector": "kwok.x-k8s.io/node=fake",
+            "cidr": "10.244.0.0/16",
+            "node-ip": "10.0.0.1",
+            "node-lease-duration-seconds": 40,
+            "server-address": f"127.0.0.1:{self.apiserver_port + 3}",
+        }
+        self._spawn("kube-controller-manager", [str(bin_dir / "kube-controller-manager"), *_flags(controller_manager)])
+        scheduler = {**common, "secure-port": self.apiserver_port + 2}
+        self._spawn("kube-scheduler", [str(bin_dir / "kube-scheduler"), *_flags(scheduler)])
+        self._spawn("kwok", [str(bin_dir / "kwok"), *_flags(kwok)])
         # The default ServiceAccount appearing proves the controller-manager works.
         self._wait(
             "kube-controller-manager",
@@ -505,6 +443,11 @@ class ControlPlane:
         )
         with urllib.request.urlopen(req, context=self._ssl(), timeout=10) as resp:
             return json.loads(resp.read() or b"null")
+
+
+def _flags(flags: dict[str, Any]) -> list[str]:
+    """``{"secure-port": 6443}`` -> ``["--secure-port=6443"]``."""
+    return [f"--{name}={value}" for name, value in flags.items()]
 
 
 def _listening(port: int) -> bool:

@@ -28,8 +28,10 @@ def _row(d: InferenceDeployment) -> list[str]:
     s = d.spec
     latency = s.sla.latency
     budget = s.budget
-    cost = f"${budget.max_cost_per_million_requests:g}/1M" if budget.max_cost_per_million_requests else "-"
-    monthly = f"${budget.max_monthly_cost:g}/mo" if budget.max_monthly_cost else "-"
+    limits = [
+        f"${budget.max_cost_per_million_requests:g}/1M" if budget.max_cost_per_million_requests else "",
+        f"${budget.max_monthly_cost:g}/mo" if budget.max_monthly_cost else "",
+    ]
     caches = [k for k, on in (("exact", s.cache.exact.enabled), ("semantic", s.cache.semantic.enabled)) if on]
     return [
         d.metadata.name,
@@ -37,7 +39,7 @@ def _row(d: InferenceDeployment) -> list[str]:
         f"p{latency.percentile:g} < {latency.target_ms:g} ms",
         f"{s.sla.max_accuracy_drop:.1%}",
         f"{s.traffic.average_rps:g} / {s.traffic.effective_peak_rps():g}",
-        f"{cost} {monthly}",
+        " ".join(x for x in limits if x) or "-",
         ", ".join(s.candidates) or "(price table)",
         s.precision,
         ", ".join(caches) or "off",
