@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages the test suite needs, when they are missing.
-#   openssl  - certificates for the test control plane
+#   openssl       - certificates for the test control plane
+#   redis-server  - the real Redis the cache tests run against
+#   hey           - the HTTP load generator of benchmarks/serving.py
 #   go       - builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 #              kwok and helm from the Go module proxy (go 1.24 or newer; Debian's
 #              golang package is older, so it is checked, not installed)
@@ -8,7 +10,8 @@ set -euo pipefail
 
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v hey >/dev/null 2>&1 || need_apt+=(hey)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

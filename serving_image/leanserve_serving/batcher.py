@@ -1,0 +1,205 @@
+"""Dynamic batching: merge concurrent requests along the batch dimension, split the answers back.
+
+A batch leaves when it holds ``max_batch_size`` rows or when its oldest request
+has waited ``max_wait``; while every upstream slot is busy it keeps filling (up
+to the maximum), so batches grow with load instead of queueing. Requests batch
+only with requests of the same signature (model, input names, datatypes and
+shapes after the batch dimension, requested outputs, parameters). Each request
+carries its own future: an error reaches every caller of its batch, and a
+caller that gave up (timeout) is skipped when the batch is formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from leanserve_serving.tensors import InferRequest, ProtocolError, Tensor
+
+#: Runs one merged request upstream; returns the merged outputs.
+RunBatch = Callable[[str, InferRequest], Awaitable[list[Tensor]]]
+
+
+def signature(model: str, request: InferRequest) -> tuple[Any, ...] | None:
+    """What a request may batch with, or None when it cannot batch (a scalar input)."""
+    if any(len(t.shape) == 0 for t in request.inputs):
+        return None
+    inputs = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+    outputs = tuple(request.outputs) if request.outputs is not None else None
+    params = orjson.dumps(request.parameters, option=orjson.OPT_SORT_KEYS) if request.parameters else b""
+    return (model, inputs, outputs, params)
+
+
+def rows(request: InferRequest) -> int:
+    return request.inputs[0].shape[0] if request.inputs[0].shape else 1
+
+
+def merge(requests: list[InferRequest]) -> InferRequest:
+    """One request whose inputs are the given requests' inputs concatenated along dimension 0."""
+    first = requests[0]
+    if len(requests) == 1:
+        return first
+    merged = []
+    for tensor in first.inputs:
+        parts = [next(t for t in r.inputs if t.name == tensor.name).data for r in requests]
+        data = np.concatenate(parts, axis=0)
+        merged.append(Tensor(tensor.name, tensor.datatype, tuple(data.shape), data))
+    return InferRequest(inputs=merged, parameters=first.parameters, outputs=first.outputs)
+
+
+def split(outputs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
+    """Cut merged outputs back into per-request outputs by row counts."""
+    total = sum(sizes)
+    for out in outputs:
+        if not out.shape or out.shape[0] != total:
+            raise ProtocolError(
+                502, f"upstream output '{out.name}' has shape {list(out.shape)}, not batched along {total} rows"
+            )
+    result: list[list[Tensor]] = []
+    start = 0
+    for size in sizes:
+        part = []
+        for out in outputs:
+            data = out.data[start : start + size]
+            part.append(Tensor(out.name, out.datatype, tuple(data.shape), data))
+        result.append(part)
+        start += size
+    return result
+
+
+@dataclass
+class _Pending:
+    request: InferRequest
+    future: asyncio.Future[list[Tensor]]
+    rows: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Group:
+    items: list[_Pending] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class BatchStats:
+    """Hooks the sidecar's metrics hang on."""
+
+    on_batch: Callable[[str, int], None] = lambda model, size: None
+    on_queue_depth: Callable[[str, int], None] = lambda model, depth: None
+
+
+class DynamicBatcher:
+    """Batches requests per signature and runs them through ``run_batch`` with bounded concurrency."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        concurrency: int,
+        stats: BatchStats | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.max_queue = max_queue
+        self.slots = asyncio.Semaphore(max(1, concurrency))
+        self.stats = stats or BatchStats()
+        self.groups: dict[tuple[Any, ...], _Group] = {}
+        self.queued = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, model: str, request: InferRequest, timeout_s: float) -> list[Tensor]:
+        """Queue a request and wait for its share of a batch; raises ProtocolError 429/504 when it must."""
+        if self.queued >= self.max_queue:
+            raise ProtocolError(429, f"queue full ({self.max_queue} requests waiting); retry shortly")
+        key = signature(model, request)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, loop.create_future(), rows(request))
+        if key is None or pending.rows >= self.max_batch_size:
+            self.queued += 1  # waits for a slot like any queued request
+            self.stats.on_queue_depth(model, self.queued)
+            self._launch(model, [pending])
+        else:
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = _Group()
+                group.task = asyncio.create_task(self._collect(model, key, group))
+            group.items.append(pending)
+            self.queued += 1
+            self.stats.on_queue_depth(model, self.queued)
+            group.changed.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+        except TimeoutError:
+            if not pending.future.done():
+                pending.future.cancel()  # skipped when its batch is formed
+            raise ProtocolError(504, f"no answer from the model within {timeout_s:g} s") from None
+
+    async def _collect(self, model: str, key: tuple[Any, ...], group: _Group) -> None:
+        """Form batches for one signature until its queue is empty, then retire."""
+        try:
+            while group.items:
+                deadline = group.items[0].enqueued + self.max_wait_s
+                while sum(p.rows for p in group.items) < self.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    group.changed.clear()
+                    try:
+                        await asyncio.wait_for(group.changed.wait(), remaining)
+                    except TimeoutError:
+                        break
+                await self.slots.acquire()  # requests keep joining while every slot is busy
+                batch, size = [], 0
+                while group.items and size + group.items[0].rows <= self.max_batch_size:
+                    item = group.items.pop(0)
+                    self.queued -= 1
+                    if not item.future.done():  # timed out or cancelled callers are skipped
+                        batch.append(item)
+                        size += item.rows
+                if not batch and group.items:  # a single request larger than what is left: send it alone
+                    batch = [group.items.pop(0)]
+                    self.queued -= 1
+                self.stats.on_queue_depth(model, self.queued)
+                if batch:
+                    self._launch(model, batch, slot_held=True)
+                else:
+                    self.slots.release()
+        finally:
+            self.groups.pop(key, None)
+            if group.items:  # raced with a late submit: hand them to a fresh collector
+                fresh = self.groups[key] = _Group(items=group.items)
+                fresh.task = asyncio.create_task(self._collect(model, key, fresh))
+
+    def _launch(self, model: str, batch: list[_Pending], slot_held: bool = False) -> None:
+        task = asyncio.create_task(self._run(model, batch, slot_held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, model: str, batch: list[_Pending], slot_held: bool) -> None:
+        if not slot_held:
+            await self.slots.acquire()
+            self.queued -= len(batch)
+            self.stats.on_queue_depth(model, self.queued)
+        try:
+            self.stats.on_batch(model, sum(p.rows for p in batch))
+            outputs = await self.run_batch(model, merge([p.request for p in batch]))
+            for pending, part in zip(batch, split(outputs, [p.rows for p in batch]), strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(part)
+        except Exception as exc:  # every caller of the batch gets the error
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+        finally:
+            self.slots.release()

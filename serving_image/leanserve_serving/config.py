@@ -1,0 +1,103 @@
+"""Settings of the serving processes: defaults < mounted file < environment < command line.
+
+The operator renders the sidecar's settings into a ConfigMap mounted as a file
+(``LEANSERVE_CONFIG_FILE``, JSON or YAML); environment variables
+(``LEANSERVE_<FIELD>``, for example ``LEANSERVE_MAX_BATCH_SIZE``) override it
+for quick changes, and command-line flags override both for local runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class ModelServerConfig:
+    """The ONNX Runtime model server."""
+
+    model_path: str = "/models/model.onnx"
+    model_name: str = "model"
+    model_version: str = "1"
+    host: str = "0.0.0.0"
+    port: int = 8081
+    provider: str = "auto"
+    """auto (CUDA when available, else CPU), cpu or cuda."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads; 0 = the container's CPU limit."""
+    concurrency: int = 1
+    """Model runs in flight at once; each uses ``threads`` threads."""
+    max_body_bytes: int = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class SidecarConfig:
+    """The batching, caching front door."""
+
+    upstream: str = "http://127.0.0.1:8081"
+    host: str = "0.0.0.0"
+    port: int = 8080
+    model_version: str = "1"
+    max_batch_size: int = 16
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    """Requests waiting for a batch; beyond this the sidecar answers 429."""
+    upstream_concurrency: int = 2
+    """Batches in flight to the model server at once."""
+    request_timeout_s: float = 10.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    redis_url: str = ""
+    """Empty: no cache."""
+    cache_ttl_seconds: int = 3600
+    cache_exclude_fields: list[str] = dataclasses.field(default_factory=list)
+    semantic_enabled: bool = False
+    semantic_threshold: float = 0.97
+    semantic_max_entries: int = 100_000
+    semantic_embedder: str = "hashing"
+    """hashing (built in, character n-grams) or minilm (all-MiniLM-L6-v2, needs sentence-transformers)."""
+    health_interval_s: float = 1.0
+
+
+def _coerce(value: Any, target: Any) -> Any:
+    if isinstance(target, bool):
+        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+    if isinstance(target, int):
+        return int(value)
+    if isinstance(target, float):
+        return float(value)
+    if isinstance(target, list):
+        return value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+    return str(value)
+
+
+def load_config(
+    cls: type[T], overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> T:
+    """Build ``cls`` from its defaults, the config file, the environment and ``overrides`` (in that order)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    file = environ.get("LEANSERVE_CONFIG_FILE")
+    if file:
+        text = Path(file).read_text(encoding="utf-8")
+        loaded = json.loads(text) if file.endswith(".json") else yaml.safe_load(text)
+        layers = [loaded or {}]
+    else:
+        layers = []
+    layers.append(
+        {name: environ[f"LEANSERVE_{name.upper()}"] for name in values if f"LEANSERVE_{name.upper()}" in environ}
+    )
+    layers.append({k: v for k, v in (overrides or {}).items() if v is not None})
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in values:
+                raise ValueError(f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(values)}")
+            values[key] = _coerce(value, values[key])
+    return cls(**values)

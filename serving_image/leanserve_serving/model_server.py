@@ -1,0 +1,235 @@
+"""The model server: one ONNX model, ONNX Runtime, the Open Inference Protocol (v2) over HTTP.
+
+It runs whatever batch it is sent as one ``session.run`` (the sidecar does the
+batching), so the same process is also the honest per-request baseline when
+clients call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from leanserve_serving import __version__
+from leanserve_serving.config import ModelServerConfig, load_config
+from leanserve_serving.http import json_response, protocol_errors, run
+from leanserve_serving.tensors import (
+    ORT_TYPES,
+    InferRequest,
+    ProtocolError,
+    Tensor,
+    TensorSpec,
+    check_inputs,
+    decode_request,
+    encode_response,
+)
+
+log = logging.getLogger("leanserve.model_server")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def cpu_limit() -> int:
+    """CPUs this container may use: the cgroup v2 quota when set, else the CPUs the process may run on."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+    return TensorSpec(node.name, ORT_TYPES.get(node.type, node.type), shape)
+
+
+class LoadedModel:
+    """An ONNX Runtime session with the metadata the v2 protocol needs."""
+
+    def __init__(self, config: ModelServerConfig) -> None:
+        path = Path(config.model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        available = ort.get_available_providers()
+        if config.provider == "cuda" or (config.provider == "auto" and "CUDAExecutionProvider" in available):
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config.threads or cpu_limit()
+        options.inter_op_num_threads = 1
+        start = time.perf_counter()
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for corrupt files
+            raise ValueError(f"cannot load {path} with ONNX Runtime: {exc}") from exc
+        self.load_seconds = time.perf_counter() - start
+        self.name = config.model_name
+        self.version = config.model_version
+        self.threads = options.intra_op_num_threads
+        self.providers = self.session.get_providers()
+        self.inputs = [_spec(i) for i in self.session.get_inputs()]
+        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [i.to_json() for i in self.inputs],
+            "outputs": [o.to_json() for o in self.outputs],
+            "parameters": {"providers": self.providers, "threads": self.threads, "load_seconds": self.load_seconds},
+        }
+
+    def feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
+        """Check the request against the graph's inputs; return the arrays to run."""
+        check_inputs(self.inputs, request)
+        feeds = {}
+        for t in request.inputs:
+            feeds[t.name] = t.data.astype(str) if t.datatype == "BYTES" else t.data
+        return feeds
+
+    def run(self, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> list[Tensor]:
+        names = [o.name for o in self.outputs]
+        if wanted is not None:
+            unknown = [w for w in wanted if w not in names]
+            if unknown:
+                raise ProtocolError(400, f"unknown output(s) {unknown}; the model has {names}")
+            names = wanted
+        results = self.session.run(names, feeds)
+        specs = {o.name: o for o in self.outputs}
+        return [
+            Tensor(n, specs[n].datatype, tuple(r.shape), np.asarray(r)) for n, r in zip(names, results, strict=True)
+        ]
+
+
+class ModelServerMetrics:
+    """Prometheus metrics of the model server (own registry: several servers can share a process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.load_seconds = Gauge(
+            "leanserve_model_load_seconds", "Model load (cold start) time", registry=self.registry
+        )
+        self.requests = Counter(
+            "leanserve_model_requests_total", "Infer requests by model and status code", ["model", "code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "leanserve_model_inference_seconds", "session.run time per call", ["model"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+        )  # fmt: skip
+        self.batch = Histogram(
+            "leanserve_model_batch_size", "Rows per session.run", ["model"], registry=self.registry,
+            buckets=BATCH_BUCKETS,
+        )  # fmt: skip
+
+
+def create_app(config: ModelServerConfig) -> web.Application:
+    """The aiohttp application serving one model."""
+    model = LoadedModel(config)
+    log.info(
+        "model loaded name=%s path=%s load_seconds=%.3f providers=%s threads=%d",
+        model.name, config.model_path, model.load_seconds, ",".join(model.providers), model.threads,
+    )  # fmt: skip
+    metrics = ModelServerMetrics()
+    metrics.load_seconds.set(model.load_seconds)
+    executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ort")
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
+    app["model"] = model
+
+    def known(request: web.Request) -> LoadedModel:
+        name = request.match_info["name"]
+        if name != model.name:
+            raise ProtocolError(404, f"unknown model '{name}'; this server serves '{model.name}'")
+        version = request.match_info.get("version")
+        if version is not None and version != model.version:
+            raise ProtocolError(404, f"model '{name}' has no version '{version}'; it has '{model.version}'")
+        return model
+
+    async def live(_: web.Request) -> web.Response:
+        return json_response({"live": True})
+
+    async def ready(_: web.Request) -> web.Response:
+        return json_response({"ready": True})
+
+    async def server_metadata(_: web.Request) -> web.Response:
+        return json_response({"name": "leanserve-model-server", "version": __version__, "extensions": []})
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        return json_response(known(request).metadata())
+
+    async def model_ready(request: web.Request) -> web.Response:
+        known(request)
+        return json_response({"name": model.name, "ready": True})
+
+    async def infer(request: web.Request) -> web.Response:
+        target = known(request)
+        code = 200
+        try:
+            decoded = decode_request(await request.read())
+            feeds = target.feeds(decoded)
+            rows = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+            start = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(executor, target.run, feeds, decoded.outputs)
+            metrics.inference.labels(target.name).observe(time.perf_counter() - start)
+            metrics.batch.labels(target.name).observe(rows)
+            return json_response(encode_response(target.name, target.version, decoded.id, outputs))
+        except ProtocolError as exc:
+            code = exc.status
+            raise
+        except Exception:
+            code = 500
+            raise
+        finally:
+            metrics.requests.labels(target.name, str(code)).inc()
+
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2", server_metadata)
+    app.router.add_get("/v2/models/{name}", model_metadata)
+    app.router.add_get("/v2/models/{name}/versions/{version}", model_metadata)
+    app.router.add_get("/v2/models/{name}/ready", model_ready)
+    app.router.add_get("/v2/models/{name}/versions/{version}/ready", model_ready)
+    app.router.add_post("/v2/models/{name}/infer", infer)
+    app.router.add_post("/v2/models/{name}/versions/{version}/infer", infer)
+    app.router.add_get("/metrics", prometheus)
+    app.on_cleanup.append(lambda _: asyncio.to_thread(executor.shutdown))
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="leanserve model server (ONNX Runtime, Open Inference Protocol v2)")
+    parser.add_argument("--model", dest="model_path")
+    parser.add_argument("--name", dest="model_name")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = load_config(ModelServerConfig, vars(args))
+    run(create_app(config), config.host, config.port)
+
+
+if __name__ == "__main__":
+    main()

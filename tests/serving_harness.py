@@ -1,0 +1,140 @@
+"""Real processes for the serving tests: redis-server, the model server and the sidecar, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@dataclass
+class Process:
+    """A server process with its port; stopped by :meth:`stop` (SIGKILL with ``kill=True``)."""
+
+    argv: list[str]
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_path: str | None = "/v2/health/live") -> Process:
+        out = self.log.open("ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+        if ready_path is not None:
+            wait_http(self.url + ready_path, proc=self.proc)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            (self.proc.kill if kill else self.proc.terminate)()
+            self.proc.wait(timeout=10)
+
+
+def redis_process(log_dir: Path) -> Process:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed: run `make test`, which installs it (Debian redis-server)")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return Process(argv, port, log=log_dir / f"redis-{port}.log")
+
+
+def start_redis(log_dir: Path) -> Process:
+    redis = redis_process(log_dir).start(ready_path=None)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", redis.port)) == 0:
+                return redis
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def model_server(model: Path, name: str, log_dir: Path, port: int | None = None, **env: str) -> Process:
+    port = port or free_port()
+    argv = [sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model), "--name", name,
+            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    return Process(argv, port, env={"LEANSERVE_THREADS": "1", **env}, log=log_dir / f"model-{name}-{port}.log")
+
+
+def sidecar(upstream: str, log_dir: Path, **settings: Any) -> Process:
+    """A sidecar configured through LEANSERVE_* environment variables (as in a pod)."""
+    port = free_port()
+    env = {f"LEANSERVE_{k.upper()}": (",".join(v) if isinstance(v, list) else str(v)) for k, v in settings.items()}
+    env.update(LEANSERVE_UPSTREAM=upstream, LEANSERVE_HOST="127.0.0.1", LEANSERVE_PORT=str(port))
+    env.setdefault("LEANSERVE_HEALTH_INTERVAL_S", "0.2")
+    argv = [sys.executable, "-m", "leanserve_serving.sidecar"]
+    return Process(argv, port, env=env, log=log_dir / f"sidecar-{port}.log")
+
+
+def post(url: str, body: Any, timeout: float = 10) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST JSON (or raw bytes); returns status, decoded body and headers."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, orjson.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, orjson.loads(raw) if raw else {}, dict(exc.headers)
+
+
+def get(url: str, timeout: float = 10) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, orjson.loads(raw) if resp.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read() or b"{}")
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """The value of one Prometheus sample (``name{labels}``) from a /metrics endpoint; 0 when absent."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def mlp_request(values: list[float], **extra: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": values}], **extra}
+
+
+def text_request(text: str) -> dict[str, Any]:
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}

@@ -1,0 +1,365 @@
+"""The serving data plane: real model-server and sidecar processes, real Redis, real HTTP, real ORT sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.onnx_models import make_mlp, make_seq, make_text
+from tests.serving_harness import (
+    Process,
+    get,
+    metric,
+    mlp_request,
+    model_server,
+    post,
+    sidecar,
+    start_redis,
+    text_request,
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def models(workdir: Path) -> dict[str, Path]:
+    return {
+        "mlp": make_mlp(workdir / "mlp.onnx"),
+        "seq": make_seq(workdir / "seq.onnx"),
+        "text": make_text(workdir / "text.onnx"),
+    }
+
+
+@pytest.fixture(scope="module")
+def servers(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, Process]]:
+    procs = {name: model_server(path, name, workdir).start() for name, path in models.items()}
+    yield procs
+    for p in procs.values():
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(workdir: Path) -> Iterator[Process]:
+    proc = start_redis(workdir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def started(workdir: Path) -> Iterator[list[Process]]:
+    """Processes a test starts; all stopped afterwards."""
+    procs: list[Process] = []
+    yield procs
+    for p in procs:
+        p.stop(kill=True)
+
+
+def run_sidecar(started: list[Process], upstream: str, workdir: Path, **settings: object) -> Process:
+    proc = sidecar(upstream, workdir, **settings).start()
+    started.append(proc)
+    return proc
+
+
+def rows(n: int, seed: int = 0) -> list[list[float]]:
+    return np.random.default_rng(seed).normal(size=(n, 64)).astype(np.float32).tolist()
+
+
+# ---- model server ---------------------------------------------------------------------------
+
+
+def test_model_server_metadata_comes_from_the_graph(servers):
+    status, meta = get(servers["mlp"].url + "/v2/models/mlp")
+    assert status == 200
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
+    assert meta["parameters"]["providers"] == ["CPUExecutionProvider"]
+    assert get(servers["mlp"].url + "/v2/models/mlp/ready")[0] == 200
+    assert get(servers["mlp"].url + "/v2/health/ready") == (200, {"ready": True})
+    assert metric(servers["mlp"].url, "leanserve_model_load_seconds") > 0
+
+
+def test_model_server_runs_a_whole_batch(servers):
+    batch = rows(8)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [8, 64], "data": batch}]}
+    status, out, _ = post(servers["mlp"].url + "/v2/models/mlp/infer", body)
+    assert status == 200
+    assert out["outputs"][0]["shape"] == [8, 2]
+    singles = [post(servers["mlp"].url + "/v2/models/mlp/infer", mlp_request(r))[1] for r in batch]
+    together = np.array(out["outputs"][0]["data"]).reshape(8, 2)
+    apart = np.array([s["outputs"][0]["data"] for s in singles])
+    np.testing.assert_allclose(together, apart, rtol=1e-5, atol=1e-6)
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+
+def test_batched_answers_equal_unbatched_under_concurrency(servers, workdir, started):
+    car = run_sidecar(started, servers["mlp"].url, workdir, max_batch_size=16, max_wait_ms=5)
+    inputs = rows(240, seed=1)
+    direct = [post(servers["mlp"].url + "/v2/models/mlp/infer", mlp_request(r))[1] for r in inputs]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        via = list(pool.map(lambda r: post(car.url + "/v2/models/mlp/infer", mlp_request(r, id=str(r[0]))), inputs))
+    for row, (status, body, _), expected in zip(inputs, via, direct, strict=True):
+        assert status == 200
+        assert body["id"] == str(row[0])  # each caller gets its own answer back
+        np.testing.assert_allclose(body["outputs"][0]["data"], expected["outputs"][0]["data"], rtol=1e-5, atol=1e-6)
+    batches = metric(car.url, "leanserve_batch_size_count", 'model="mlp"')
+    rows_sent = metric(car.url, "leanserve_batch_size_sum", 'model="mlp"')
+    assert rows_sent == len(inputs)
+    assert batches < len(inputs) / 2, f"no real batching: {batches} batches for {len(inputs)} requests"
+
+
+def test_requests_of_different_shapes_batch_separately(servers, workdir, started):
+    car = run_sidecar(started, servers["seq"].url, workdir, max_batch_size=8, max_wait_ms=10)
+    rng = np.random.default_rng(2)
+    bodies = [
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, n, 8],
+                     "data": rng.normal(size=(1, n, 8)).astype(np.float32).tolist()}]}
+        for n in [3, 5, 7] * 20
+    ]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        via = list(pool.map(lambda b: post(car.url + "/v2/models/seq/infer", b), bodies))
+    for body, (status, got, _) in zip(bodies, via, strict=True):
+        assert status == 200, got
+        expected = post(servers["seq"].url + "/v2/models/seq/infer", body)[1]
+        np.testing.assert_allclose(got["outputs"][0]["data"], expected["outputs"][0]["data"], rtol=1e-5, atol=1e-6)
+    assert metric(car.url, "leanserve_batch_size_count", 'model="seq"') < len(bodies)
+
+
+# ---- caches -----------------------------------------------------------------------------------
+
+
+def test_exact_cache_hit_is_identical_and_skips_the_model(servers, redis, workdir, started):
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/1")
+    body = mlp_request(rows(1, seed=3)[0])
+    status, first, headers = post(car.url + "/v2/models/mlp/infer", body)
+    assert (status, headers["X-Leanserve-Source"]) == (200, "model")
+    calls = metric(servers["mlp"].url, "leanserve_model_requests_total", 'code="200",model="mlp"')
+    status, second, headers = post(car.url + "/v2/models/mlp/infer", body)
+    assert (status, headers["X-Leanserve-Source"]) == (200, "exact")
+    assert second == first
+    assert metric(servers["mlp"].url, "leanserve_model_requests_total", 'code="200",model="mlp"') == calls
+    assert metric(car.url, "leanserve_cache_hits_total", 'kind="exact"') == 1
+    assert metric(car.url, "leanserve_redis_up") == 1
+
+
+def test_exact_cache_entries_expire_after_the_ttl(servers, redis, workdir, started):
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/2",
+                      cache_ttl_seconds=1)  # fmt: skip
+    body = mlp_request(rows(1, seed=4)[0])
+    assert post(car.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "model"
+    assert post(car.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "exact"
+    time.sleep(1.6)
+    assert post(car.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "model"
+
+
+def test_excluded_fields_are_left_out_of_the_key(servers, redis, workdir, started):
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/3",
+                      cache_exclude_fields=["request_id"])  # fmt: skip
+    values = rows(1, seed=5)[0]
+    first = post(car.url + "/v2/models/mlp/infer", mlp_request(values, parameters={"request_id": "a"}))
+    second = post(car.url + "/v2/models/mlp/infer", mlp_request(values, parameters={"request_id": "b"}))
+    other = post(car.url + "/v2/models/mlp/infer", mlp_request(values, parameters={"tenant": "x"}))
+    assert first[2]["X-Leanserve-Source"] == "model"
+    assert second[2]["X-Leanserve-Source"] == "exact"  # only the excluded field differs
+    assert other[2]["X-Leanserve-Source"] == "model"  # a field that is part of the key
+
+
+def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis, workdir, started):
+    url = f"redis://127.0.0.1:{redis.port}/4"
+    car = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
+                      semantic_threshold=0.9)  # fmt: skip
+    infer = car.url + "/v2/models/text/infer"
+    status, first, headers = post(infer, text_request("The battery life is great"))
+    assert (status, headers["X-Leanserve-Source"]) == (200, "model")
+    assert first["outputs"][0]["data"] == ["THE BATTERY LIFE IS GREAT"]
+    # Same words, other case and punctuation: similarity above 0.9, the cached answer comes back.
+    status, near, headers = post(infer, text_request("the battery life is great!!"))
+    assert (status, headers["X-Leanserve-Source"]) == (200, "semantic")
+    assert near["outputs"][0]["data"] == ["THE BATTERY LIFE IS GREAT"]
+    # A different statement: below the threshold, the model answers.
+    status, far, headers = post(infer, text_request("the battery life is terrible"))
+    assert (status, headers["X-Leanserve-Source"]) == (200, "model")
+    assert far["outputs"][0]["data"] == ["THE BATTERY LIFE IS TERRIBLE"]
+    # A second replica sharing the Redis finds the entry through the shared index.
+    peer = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
+                       semantic_threshold=0.9)  # fmt: skip
+    time.sleep(0.6)  # one sync of the shared index
+    status, shared, headers = post(peer.url + "/v2/models/text/infer", text_request("THE BATTERY LIFE IS GREAT."))
+    assert (status, headers["X-Leanserve-Source"]) == (200, "semantic")
+    assert shared["outputs"][0]["data"] == ["THE BATTERY LIFE IS GREAT"]
+
+
+# ---- faults -----------------------------------------------------------------------------------
+
+
+def test_redis_killed_during_a_load_run_fails_no_request(servers, workdir, started):
+    own_redis = start_redis(workdir)
+    started.append(own_redis)
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
+    inputs = rows(20, seed=6) * 20  # repeats, so the cache is in use when Redis dies
+    killed = threading.Event()
+
+    def call(i_row: tuple[int, list[float]]) -> int:
+        i, row = i_row
+        if i == len(inputs) // 2 and not killed.is_set():
+            killed.set()
+            own_redis.stop(kill=True)
+        return post(car.url + "/v2/models/mlp/infer", mlp_request(row))[0]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(call, enumerate(inputs)))
+    assert killed.is_set()
+    assert codes.count(200) == len(inputs), {c: codes.count(c) for c in set(codes)}
+    assert metric(car.url, "leanserve_redis_up") == 0
+    assert metric(car.url, "leanserve_cache_hits_total", 'kind="exact"') > 0
+
+
+def test_upstream_killed_gives_503_and_not_ready_then_recovers(models, workdir, started):
+    upstream = model_server(models["mlp"], "mlp", workdir).start()
+    started.append(upstream)
+    car = run_sidecar(started, upstream.url, workdir)
+    body = mlp_request(rows(1, seed=7)[0])
+    assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200
+    upstream.stop(kill=True)
+    status, err, headers = post(car.url + "/v2/models/mlp/infer", body)
+    assert status == 503 and "unavailable" in err["error"] and headers["Retry-After"] == "1"
+    deadline = time.monotonic() + 5
+    while get(car.url + "/v2/health/ready")[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert get(car.url + "/v2/health/ready")[0] == 503
+    assert metric(car.url, "leanserve_upstream_up") == 0
+    revived = model_server(models["mlp"], "mlp", workdir, port=upstream.port).start()
+    started.append(revived)
+    deadline = time.monotonic() + 5
+    while get(car.url + "/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert get(car.url + "/v2/health/ready")[0] == 200
+    assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200
+
+
+@pytest.fixture
+def slow_upstream(servers) -> Iterator[str]:
+    """A real v2 HTTP server that answers like the mlp model server, but 0.3 s late on every infer call."""
+    from aiohttp import ClientSession, web
+
+    real = servers["mlp"].url
+    ready = threading.Event()
+    box: dict[str, object] = {}
+
+    async def relay(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            await asyncio.sleep(0.3)
+        async with (
+            ClientSession() as session,
+            session.request(request.method, real + request.path, data=await request.read()) as resp,
+        ):
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", relay)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        box.update(loop=loop, runner=runner, port=site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(10)
+    yield f"http://127.0.0.1:{box['port']}"
+    loop = box["loop"]
+    asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(10)  # type: ignore[arg-type, union-attr]
+    loop.call_soon_threadsafe(loop.stop)  # type: ignore[union-attr]
+
+
+def test_full_queue_answers_429_with_retry_after(slow_upstream, workdir, started):
+    car = run_sidecar(started, slow_upstream, workdir, max_batch_size=1, max_queue=4, upstream_concurrency=1,
+                      request_timeout_s=20)  # fmt: skip
+    body = mlp_request(rows(1, seed=8)[0])
+    assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200  # metadata is looked up once, then cached
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lambda _: post(car.url + "/v2/models/mlp/infer", body, timeout=30), range(12)))
+    codes = [status for status, _, _ in results]
+    rejected = [r for r in results if r[0] == 429]
+    assert set(codes) == {200, 429}, codes
+    assert 5 <= codes.count(200) <= 6, codes  # one in flight (two at a boundary), four queued
+    for _, err, headers in rejected:
+        assert "queue full" in err["error"]
+        assert headers["Retry-After"] == "1"
+    assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200  # and it serves again once drained
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+GOOD = mlp_request([0.5] * 64)
+BAD_INPUTS = {
+    "invalid-json": (b'{"inputs": [', 400, "invalid JSON"),
+    "no-inputs": ({"inputs": []}, 400, "'inputs' must be a non-empty list"),
+    "missing-input": ({"inputs": [{"name": "other", "datatype": "FP32", "shape": [1], "data": [1]}]}, 400,
+                      "missing input 'input'"),
+    "wrong-datatype": ({"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 64], "data": [0.5] * 64}]},
+                       400, "has datatype FP64, the model expects FP32"),
+    "wrong-shape": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 63], "data": [0.5] * 63}]},
+                    400, "has shape [1, 63], the model expects [-1, 64]"),
+    "data-count-mismatch": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5]}]},
+                            400, "needs 64 elements, got 1"),
+    "strings-for-numbers": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ["x"] * 64}]},
+                            400, "does not match datatype FP32"),
+    "oversized-body": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4096],
+                                    "data": [0.123456] * 4096}]}, 413, "request body too large"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def strict_servers(models, workdir) -> Iterator[tuple[Process, Process]]:
+    """A model server and a sidecar with a 20 kB body limit."""
+    upstream = model_server(models["mlp"], "mlp", workdir, LEANSERVE_MAX_BODY_BYTES="20000").start()
+    car = sidecar(upstream.url, workdir, max_body_bytes=20000).start()
+    yield upstream, car
+    car.stop()
+    upstream.stop()
+
+
+@pytest.mark.parametrize("which", ["sidecar", "model-server"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_error_and_the_next_request_is_served(strict_servers, which, case):
+    server = strict_servers[1] if which == "sidecar" else strict_servers[0]
+    body, want_status, reason = BAD_INPUTS[case]
+    status, err, _ = post(server.url + "/v2/models/mlp/infer", body)
+    assert status == want_status, err
+    assert reason in err["error"], err
+    assert post(server.url + "/v2/models/mlp/infer", GOOD)[0] == 200
+
+
+@pytest.mark.parametrize("which", ["sidecar", "model-server"])
+def test_unknown_model_is_404(strict_servers, which):
+    server = strict_servers[1] if which == "sidecar" else strict_servers[0]
+    status, err, _ = post(server.url + "/v2/models/nope/infer", GOOD)
+    assert status == 404
+    assert "unknown model 'nope'" in err["error"]
+    assert post(server.url + "/v2/models/mlp/infer", GOOD)[0] == 200
+
+
+def test_sidecar_metrics_are_exposed_with_the_leanserve_prefix(strict_servers):
+    car = strict_servers[1]
+    post(car.url + "/v2/models/mlp/infer", GOOD)
+    _, text = get(car.url + "/metrics")
+    for name in ("leanserve_requests_total", "leanserve_request_duration_seconds_bucket",
+                 "leanserve_upstream_duration_seconds_bucket", "leanserve_batch_size_bucket",
+                 "leanserve_queue_depth", "leanserve_redis_up", "leanserve_upstream_up"):  # fmt: skip
+        assert name.encode() in text, name
