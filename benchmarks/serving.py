@@ -1,7 +1,10 @@
 """Serving benchmark: the plain per-request model server against the sidecar + model server.
 
 All runs happen in one process, on one machine, in one go, so the ratios are
-comparable even on a noisy machine. The load generator is `hey` (Debian's
+comparable even on a noisy machine. Each setup runs with each ONNX Runtime
+thread setting and is compared at its best, and the servers' CPU time per
+request is read from /proc: on a machine whose cores the load generator shares,
+CPU per request is what decides a replica's capacity. The load generator is `hey` (Debian's
 package), closed loop at a fixed concurrency; the cache-hit latency is measured
 with one connection so that it shows the cost of a hit, not queueing.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.onnx_models import make_mlp  # noqa: E402
-from tests.serving_harness import metric, mlp_request, model_server, sidecar, start_redis  # noqa: E402
+from tests.serving_harness import Process, metric, mlp_request, model_server, sidecar, start_redis  # noqa: E402
 
 
 def hey(url: str, body: Path, seconds: float, concurrency: int) -> dict[str, float]:
@@ -56,49 +60,85 @@ def batch_stats(url: str, model: str) -> tuple[float, float]:
     )
 
 
+def cpu_seconds(procs: list[Process]) -> float:
+    """User + system CPU time used so far by the given server processes (from /proc)."""
+    total = 0
+    for p in procs:
+        assert p.proc is not None
+        fields = Path(f"/proc/{p.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measured(url: str, body: Path, seconds: float, concurrency: int, servers: list[Process]) -> dict[str, float]:
+    """A hey run plus the servers' CPU time per request (what a replica's cost is made of)."""
+    hey(url, body, 2, concurrency)  # warm-up
+    before = cpu_seconds(servers)
+    figures = hey(url, body, seconds, concurrency)
+    used = cpu_seconds(servers) - before
+    figures["server_cpu_us_per_request"] = used / max(1.0, figures["rps"] * seconds) * 1e6
+    return figures
+
+
+#: ONNX Runtime thread settings tried for the model server; each setup is reported at its best.
+THREAD_SETTINGS = {
+    "1 thread": {"LEANSERVE_THREADS": "1", "LEANSERVE_SPIN": "false"},
+    "all cores, spinning": {"LEANSERVE_THREADS": "0", "LEANSERVE_SPIN": "true"},
+    "all cores, no spinning": {"LEANSERVE_THREADS": "0", "LEANSERVE_SPIN": "false"},
+}
+
+
 def run_model(name: str, sizes: tuple[int, ...], work: Path, seconds: float, concurrency: int) -> dict[str, object]:
     path = make_mlp(work / f"{name}.onnx", sizes=sizes)
     body = work / f"{name}.json"
     body.write_text(json.dumps(mlp_request([0.25] * sizes[0])))
     infer = f"/v2/models/{name}/infer"
-    procs = []
+    runs: list[dict[str, object]] = []
+    procs: list[Process] = []
     try:
-        print(f"[{name}] plain per-request server (the baseline) ...", file=sys.stderr)
-        baseline = model_server(path, name, work, LEANSERVE_THREADS="0").start()
-        procs.append(baseline)
-        hey(baseline.url + infer, body, 2, concurrency)  # warm-up
-        base = hey(baseline.url + infer, body, seconds, concurrency)
-        baseline.stop()
+        for label, env in THREAD_SETTINGS.items():
+            print(f"[{name}] plain per-request server (baseline), {label} ...", file=sys.stderr)
+            baseline = model_server(path, name, work, **env).start()
+            procs.append(baseline)
+            runs.append({"setup": "baseline", "threads": label,
+                         **measured(baseline.url + infer, body, seconds, concurrency, [baseline])})  # fmt: skip
+            baseline.stop()
 
-        print(f"[{name}] sidecar (batching) + model server ...", file=sys.stderr)
-        upstream = model_server(path, name, work, LEANSERVE_THREADS="0").start()
-        procs.append(upstream)
-        car = sidecar(upstream.url, work, max_batch_size=32, max_wait_ms=2, upstream_concurrency=2).start()
-        procs.append(car)
-        hey(car.url + infer, body, 2, concurrency)
-        rows0, batches0 = batch_stats(car.url, name)
-        batched = hey(car.url + infer, body, seconds, concurrency)
-        rows1, batches1 = batch_stats(car.url, name)
-        batched["avg_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
-        car.stop()
+            print(f"[{name}] sidecar (batching) + model server, {label} ...", file=sys.stderr)
+            upstream = model_server(path, name, work, **env).start()
+            car = sidecar(upstream.url, work, max_batch_size=32, max_wait_ms=2, upstream_concurrency=2).start()
+            procs += [upstream, car]
+            rows0, batches0 = batch_stats(car.url, name)
+            figures = measured(car.url + infer, body, seconds, concurrency, [upstream, car])
+            rows1, batches1 = batch_stats(car.url, name)
+            figures["avg_batch"] = (rows1 - rows0) / max(1.0, batches1 - batches0)
+            runs.append({"setup": "sidecar", "threads": label, **figures})
+            car.stop()
+            upstream.stop()
 
+        best = {
+            setup: max((r for r in runs if r["setup"] == setup), key=lambda r: float(r["rps"]))  # type: ignore[arg-type]
+            for setup in ("baseline", "sidecar")
+        }
         print(f"[{name}] sidecar with exact-cache hits ...", file=sys.stderr)
+        upstream = model_server(path, name, work, **THREAD_SETTINGS[str(best["sidecar"]["threads"])]).start()
         redis = start_redis(work)
-        procs.append(redis)
         cached = sidecar(upstream.url, work, redis_url=f"redis://127.0.0.1:{redis.port}/0").start()
-        procs.append(cached)
+        procs += [upstream, redis, cached]
         hey(cached.url + infer, body, 1, 1)  # fills the cache
-        hits = hey(cached.url + infer, body, seconds, concurrency)
-        hit_latency = hey(cached.url + infer, body, min(seconds, 5), 1)
-        hits["p50_single_ms"] = hit_latency["p50_ms"]
+        hits = measured(cached.url + infer, body, seconds, concurrency, [cached])
+        hits["p50_single_ms"] = hey(cached.url + infer, body, min(seconds, 5), 1)["p50_ms"]
         hits["hit_ratio"] = metric(cached.url, "leanserve_cache_hits_total", 'kind="exact"') / max(
             1.0, metric(cached.url, "leanserve_requests_total", f'code="200",model="{name}"')
         )
     finally:
         for p in procs:
             p.stop()
-    return {"model": name, "sizes": list(sizes), "baseline": base, "batched": batched, "cache_hits": hits,
-            "throughput_ratio": batched["rps"] / base["rps"]}  # fmt: skip
+    return {"model": name, "sizes": list(sizes), "runs": runs, "best_baseline": best["baseline"],
+            "best_sidecar": best["sidecar"], "cache_hits": hits,
+            "throughput_ratio": float(best["sidecar"]["rps"]) / float(best["baseline"]["rps"]),  # type: ignore[arg-type]
+            "server_cpu_ratio": float(best["baseline"]["server_cpu_us_per_request"])  # type: ignore[arg-type]
+            / float(best["sidecar"]["server_cpu_us_per_request"])}  # fmt: skip
 
 
 def main() -> None:
@@ -114,19 +154,22 @@ def main() -> None:
             # The same shape of model, ~16x the compute per row: where batching is expected to pay.
             run_model("mlp_wide", (64, 2048, 2048, 2), work, args.seconds, args.concurrency),
         ]
-    print(f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, 2-core machine\n")
-    print(f"{'model':<10} {'setup':<22} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} notes")
+    print(f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, {os.cpu_count()} CPUs "
+          "shared by the load generator and the servers\n")  # fmt: skip
+    head = f"{'model':<9} {'setup':<9} {'ORT threads':<23} {'req/s':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'cpu/req':>8}"
+    print(head + "  notes")
     for r in results:
-        for label, key in (("baseline (per request)", "baseline"), ("sidecar, batching", "batched"),
-                           ("sidecar, cache hits", "cache_hits")):  # fmt: skip
-            f = r[key]  # type: ignore[index]
-            notes = ""
-            if key == "batched":
-                notes = f"avg batch {f['avg_batch']:.1f}, {r['throughput_ratio']:.2f}x baseline"
-            if key == "cache_hits":
-                notes = f"hit p50 {f['p50_single_ms']:.2f} ms (1 connection), hit ratio {f['hit_ratio']:.2f}"
-            print(f"{r['model']:<10} {label:<22} {f['rps']:>9.0f} {f['p50_ms']:>8.2f} {f['p95_ms']:>8.2f} "
-                  f"{f['p99_ms']:>8.2f} {f['errors']:>7.1%} {notes}")  # fmt: skip
+        for run in r["runs"]:  # type: ignore[union-attr]
+            notes = f"avg batch {run['avg_batch']:.1f}" if run["setup"] == "sidecar" else ""
+            cpu = run["server_cpu_us_per_request"]
+            print(f"{r['model']:<9} {run['setup']:<9} {run['threads']:<23} {run['rps']:>7.0f} {run['p50_ms']:>6.1f} "
+                  f"{run['p95_ms']:>6.1f} {run['p99_ms']:>6.1f} {cpu:>6.0f}us  {notes}")  # fmt: skip
+        h = r["cache_hits"]
+        print(f"{r['model']:<9} {'cache':<9} {'(exact hits)':<23} {h['rps']:>7.0f} {h['p50_ms']:>6.1f} "
+              f"{h['p95_ms']:>6.1f} {h['p99_ms']:>6.1f} {h['server_cpu_us_per_request']:>6.0f}us  "
+              f"hit p50 {h['p50_single_ms']:.2f} ms on 1 connection, hit ratio {h['hit_ratio']:.2f}")  # fmt: skip
+        print(f"{r['model']:<9} best sidecar / best baseline: {r['throughput_ratio']:.2f}x req/s, "
+              f"{r['server_cpu_ratio']:.2f}x less server CPU per request\n")  # fmt: skip
     print(f"(took {time.monotonic() - started:.0f} s)")
     print(json.dumps({"benchmark": "serving", "concurrency": args.concurrency, "seconds": args.seconds,
                       "results": results}, default=float))  # fmt: skip

@@ -72,6 +72,10 @@ class LoadedModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.threads or cpu_limit()
         options.inter_op_num_threads = 1
+        if not config.spin:
+            # ORT's worker threads busy-wait for the next op by default: on a CPU shared
+            # with the HTTP front door that burns the cores the requests need.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         start = time.perf_counter()
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
