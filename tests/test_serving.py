@@ -178,7 +178,7 @@ def test_excluded_fields_are_left_out_of_the_key(servers, redis, workdir, starte
 def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis, workdir, started):
     url = f"redis://127.0.0.1:{redis.port}/4"
     car = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
-                      semantic_threshold=0.9)  # fmt: skip
+                      semantic_threshold=0.9, semantic_embedder="hashing")  # fmt: skip
     infer = car.url + "/v2/models/text/infer"
     status, first, headers = post(infer, text_request("The battery life is great"))
     assert (status, headers["X-Leanserve-Source"]) == (200, "model")
@@ -193,11 +193,25 @@ def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis
     assert far["outputs"][0]["data"] == ["THE BATTERY LIFE IS TERRIBLE"]
     # A second replica sharing the Redis finds the entry through the shared index.
     peer = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
-                       semantic_threshold=0.9)  # fmt: skip
+                       semantic_threshold=0.9, semantic_embedder="hashing")  # fmt: skip
     time.sleep(0.6)  # one sync of the shared index
     status, shared, headers = post(peer.url + "/v2/models/text/infer", text_request("THE BATTERY LIFE IS GREAT."))
     assert (status, headers["X-Leanserve-Source"]) == (200, "semantic")
     assert shared["outputs"][0]["data"] == ["THE BATTERY LIFE IS GREAT"]
+
+
+def test_semantic_cache_with_minilm_catches_a_paraphrase(servers, redis, workdir, started):
+    """The default embedder (all-MiniLM-L6-v2) at the default threshold 0.97."""
+    car = run_sidecar(started, servers["text"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/5",
+                      semantic_enabled=True)  # fmt: skip
+    infer = car.url + "/v2/models/text/infer"
+    assert post(infer, text_request("How do I reset my password?"))[2]["X-Leanserve-Source"] == "model"
+    status, hit, headers = post(infer, text_request("How can I reset my password?"))  # cosine 0.99
+    assert (status, headers["X-Leanserve-Source"]) == (200, "semantic")
+    assert hit["outputs"][0]["data"] == ["HOW DO I RESET MY PASSWORD?"]
+    status, miss, headers = post(infer, text_request("What is the weather in Paris?"))  # cosine 0.06
+    assert (status, headers["X-Leanserve-Source"]) == (200, "model")
+    assert miss["outputs"][0]["data"] == ["WHAT IS THE WEATHER IN PARIS?"]
 
 
 # ---- faults -----------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ class SidecarConfig:
     semantic_enabled: bool = False
     semantic_threshold: float = 0.97
     semantic_max_entries: int = 100_000
-    semantic_embedder: str = "hashing"
-    """hashing (built in, character n-grams) or minilm (all-MiniLM-L6-v2, needs sentence-transformers)."""
+    semantic_embedder: str = "minilm"
+    """minilm (all-MiniLM-L6-v2, offline, numpy) or hashing (character n-grams, no model file)."""
     health_interval_s: float = 1.0
 
 
