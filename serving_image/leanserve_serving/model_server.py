@@ -23,8 +23,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from leanserve_serving import __version__
-from leanserve_serving.config import ModelServerConfig, load_config
-from leanserve_serving.http import json_response, protocol_errors, run
+from leanserve_serving.config import ModelServerConfig
+from leanserve_serving.http import json_response, protocol_errors, serve_main
 from leanserve_serving.tensors import (
     ORT_TYPES,
     InferRequest,
@@ -187,7 +187,8 @@ def create_app(config: ModelServerConfig) -> web.Application:
         try:
             decoded = decode_request(await request.read())
             feeds = target.feeds(decoded)
-            rows = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+            first = decoded.inputs[0]
+            rows = first.shape[0] if first.shape else 1
             start = time.perf_counter()
             loop = asyncio.get_running_loop()
             outputs = await loop.run_in_executor(executor, target.run, feeds, decoded.outputs)
@@ -229,10 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--provider", choices=("auto", "cpu", "cuda"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = load_config(ModelServerConfig, vars(args))
-    run(create_app(config), config.host, config.port)
+    serve_main(parser, ModelServerConfig, create_app, argv)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from leanserve_serving.batcher import BatchStats, DynamicBatcher
 from leanserve_serving.cache import ExactCache, RedisHealth, SemanticCache, connect, exact_key
-from leanserve_serving.config import SidecarConfig, load_config
+from leanserve_serving.config import SidecarConfig
 from leanserve_serving.embedders import make_embedder
-from leanserve_serving.http import error_response, json_response, protocol_errors, run
+from leanserve_serving.http import error_response, json_response, protocol_errors, serve_main
 from leanserve_serving.tensors import (
     DATATYPES,
     InferRequest,
@@ -82,7 +82,7 @@ class Upstream:
         self.ready = ready
         self.metrics.upstream_up.set(1 if ready else 0)
 
-    async def _call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    async def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
         try:
             async with self.session.request(
                 method, self.base_url + path, data=body, headers={"Content-Type": "application/json"}
@@ -99,13 +99,13 @@ class Upstream:
 
     async def check_ready(self) -> bool:
         with contextlib.suppress(ProtocolError):
-            status, _ = await self._call("GET", "/v2/health/ready")
+            status, _ = await self.call("GET", "/v2/health/ready")
             self.mark(status == 200)
         return self.ready
 
     async def model_inputs(self, model: str) -> list[TensorSpec]:
         if model not in self.specs:
-            status, meta = await self._call("GET", f"/v2/models/{model}")
+            status, meta = await self.call("GET", f"/v2/models/{model}")
             if status != 200:
                 raise ProtocolError(status, meta.get("error", f"upstream answered {status}"))
             self.specs[model] = [TensorSpec.from_json(i) for i in meta.get("inputs", [])]
@@ -118,7 +118,7 @@ class Upstream:
         if request.parameters:
             body["parameters"] = request.parameters
         start = time.perf_counter()
-        status, payload = await self._call("POST", f"/v2/models/{model}/infer", dumps(body))
+        status, payload = await self.call("POST", f"/v2/models/{model}/infer", dumps(body))
         self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
         if status != 200:
             raise ProtocolError(status if status < 500 else 502, payload.get("error", f"upstream answered {status}"))
@@ -248,7 +248,7 @@ def create_app(config: SidecarConfig) -> web.Application:
         return error_response(503, "upstream model server is not ready")
 
     async def proxy_get(request: web.Request) -> web.Response:
-        status, payload = await state["upstream"]._call("GET", request.path)
+        status, payload = await state["upstream"].call("GET", request.path)
         return json_response(payload, status=status)
 
     async def prometheus(_: web.Request) -> web.Response:
@@ -277,10 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-queue", type=int)
     parser.add_argument("--redis-url")
     parser.add_argument("--semantic", dest="semantic_enabled", action="store_const", const=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = load_config(SidecarConfig, vars(args))
-    run(create_app(config), config.host, config.port)
+    serve_main(parser, SidecarConfig, create_app, argv)
 
 
 if __name__ == "__main__":
