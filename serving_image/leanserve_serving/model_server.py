@@ -52,7 +52,7 @@ def cpu_limit() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def _spec(node: Any) -> TensorSpec:
+def spec_of(node: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
     return TensorSpec(node.name, ORT_TYPES.get(node.type, node.type), shape)
 
@@ -86,8 +86,8 @@ class LoadedModel:
         self.version = config.model_version
         self.threads = options.intra_op_num_threads
         self.providers = self.session.get_providers()
-        self.inputs = [_spec(i) for i in self.session.get_inputs()]
-        self.outputs = [_spec(o) for o in self.session.get_outputs()]
+        self.inputs = [spec_of(i) for i in self.session.get_inputs()]
+        self.outputs = [spec_of(o) for o in self.session.get_outputs()]
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -11,11 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from leanserve.api.resource import InferenceDeployment
 from leanserve.api.validation import validate_file
+from leanserve.cli.console import wide_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,9 +48,7 @@ def _row(d: InferenceDeployment) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # logs and CI: do not squeeze the table into 80 columns
+    console = wide_console()
     files = sorted(args.examples.glob("*.yaml"))
     if not files:
         console.print(f"[red]no examples found in {args.examples}[/red] (run from the repository root)")

@@ -1,0 +1,71 @@
+"""``leanserve bench MODEL --eval DATA``: profile a model's variants on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from leanserve.cli.console import wide_console
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="profile fp32/int8/fp16 variants: accuracy, latency, throughput, memory")
+    p.add_argument("model", type=Path, help="ONNX model file")
+    p.add_argument("--eval", dest="evaluation", type=Path, required=True, help="evaluation data (.npz or .jsonl)")
+    p.add_argument("--metric", choices=("accuracy", "top1", "mse", "cosine"), default="accuracy")
+    p.add_argument("--instance-type", default="local", help="the instance type this machine stands for")
+    p.add_argument("--variants", default="fp32,int8-dynamic,int8-static,fp16", help="comma-separated")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: the CPU limit)")
+    p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--seconds-per-point", type=float, default=0.3, help="timing budget per batch size")
+    p.add_argument("--out", type=Path, help="write the full profile (JSON) here")
+    p.add_argument("--compact-out", type=Path,
+                   help="write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log")  # fmt: skip
+    p.set_defaults(func=run)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
+    from leanserve_serving.profile import summary_rows
+
+    console = wide_console(stderr=True)
+    options = BenchOptions(
+        model=args.model, evaluation=args.evaluation, instance_type=args.instance_type, metric=args.metric,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), threads=args.threads,
+        max_batch=args.max_batch, seconds_per_point=args.seconds_per_point,
+    )  # fmt: skip
+    try:
+        with console.status("profiling") as status:
+            profile = run_bench(options, progress=lambda msg: (status.update(msg), console.log(msg)))
+    except BenchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    table = Table(title=f"{profile.model_name} on {profile.instance_type} ({profile.hardware.cpu_model}, "
+                  f"{profile.hardware.vcpus} vCPU, {profile.threads} threads)")  # fmt: skip
+    for col in ("variant", "status", profile.metric, "drop", "p50 b=1 ms", "best batch", "best rows/s",
+                "x fp32 best", "x fp32 b=1", "load s", "RSS MB"):  # fmt: skip
+        table.add_column(col)
+    for r in summary_rows(profile):
+        table.add_row(r["variant"], r["status"], _fmt(r["quality"], ".4f"), _fmt(r["drop"], "+.4f"),
+                      _fmt(r["p50_b1_ms"], ".3f"), _fmt(r["best_batch"], "d"), _fmt(r["best_rps"], ".0f"),
+                      _fmt(r["vs_fp32_best"], ".2f"), _fmt(r["vs_fp32_b1"], ".1f"), _fmt(r["load_s"], ".3f"),
+                      _fmt(r["rss_mb"], ".0f"))  # fmt: skip
+    console.print(table)
+    if args.out:
+        args.out.write_text(profile.model_dump_json(indent=2))
+        console.print(f"full profile: {args.out}")
+    compact = profile.to_compact()
+    if args.compact_out:
+        args.compact_out.write_text(compact)
+    print(json.dumps({"model": profile.model_name, "digest": profile.model_digest, "compact_bytes": len(compact),
+                      "variants": summary_rows(profile)}))  # fmt: skip
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,1 @@
+"""leanserve bench: profile precision variants of a model (quality, latency, memory) on this hardware."""

@@ -1,0 +1,112 @@
+"""``leanserve bench``: profile a model's precision variants on the hardware it runs on.
+
+Never assume an optimization helped: each variant's quality is measured on the
+user's evaluation data against fp32, and its latency and throughput at growing
+batch sizes, here, on this machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from leanserve_serving.bench import measure
+from leanserve_serving.bench.evaldata import EvalData, load_eval_data
+from leanserve_serving.bench.variants import build_variants
+from leanserve_serving.model_server import cpu_limit, spec_of
+from leanserve_serving.profile import Profile, VariantProfile
+
+DEFAULT_VARIANTS = ["fp32", "int8-dynamic", "int8-static", "fp16"]
+
+
+class BenchError(ValueError):
+    """A model or data problem the user must fix, said plainly."""
+
+
+@dataclass
+class BenchOptions:
+    model: Path
+    evaluation: Path
+    instance_type: str = "local"
+    metric: str = "accuracy"
+    variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS)
+    threads: int = 0
+    max_batch: int = 1024
+    seconds_per_point: float = 0.3
+    gpu: bool | None = None
+    """None: use the GPU when ONNX Runtime has the CUDA provider."""
+
+
+Progress = Callable[[str], None]
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _load_fp32(options: BenchOptions, threads: int, gpu: bool) -> tuple[ort.InferenceSession, float]:
+    if options.model.suffix in (".pt", ".pth"):
+        raise BenchError(
+            f"{options.model.name}: PyTorch models are not supported by this build yet; export to ONNX first "
+            "(torch.onnx.export with a dynamic batch axis)"
+        )
+    if not options.model.is_file():
+        raise BenchError(f"model file not found: {options.model}")
+    try:
+        return measure.session(options.model, threads, gpu)
+    except Exception as exc:  # ORT's own exception types for corrupt files
+        raise BenchError(f"{options.model.name}: not a loadable ONNX model: {exc}") from None
+
+
+def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Profile:
+    """Build, check and time every variant; return the Profile."""
+    gpu = options.gpu if options.gpu is not None else "CUDAExecutionProvider" in ort.get_available_providers()
+    threads = options.threads or cpu_limit()
+    progress(f"loading {options.model.name}")
+    fp32_session, _ = _load_fp32(options, threads, gpu)
+    specs = [spec_of(i) for i in fp32_session.get_inputs()]
+    try:
+        data: EvalData = load_eval_data(options.evaluation, specs, options.metric)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    try:
+        reference = measure.outputs(fp32_session, data)
+    except Exception as exc:
+        raise BenchError(f"the model cannot run on the evaluation data: {exc}") from None
+    del fp32_session
+    results = []
+    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
+        progress("building variants: " + ", ".join(options.variants))
+        for built in build_variants(options.model, data, Path(tmp), gpu, list(options.variants)):
+            if built.status != "ok" or built.path is None:
+                results.append(VariantProfile(name=built.name, status=built.status, reason=built.reason))  # type: ignore[arg-type]
+                progress(f"{built.name}: {built.status} ({built.reason})")
+                continue
+            progress(f"{built.name}: quality on {data.rows} rows")
+            try:
+                sess, load_s = measure.session(built.path, threads, gpu)
+                value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, reference)
+                progress(f"{built.name}: latency by batch size")
+                curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
+                results.append(VariantProfile(
+                    name=built.name, status="ok", size_bytes=built.path.stat().st_size, load_seconds=load_s,  # type: ignore[arg-type]
+                    quality=value, quality_drop=drop, latency=curve, rss_mb=measure.rss_mb(),
+                    gpu_memory_mb=measure.gpu_memory_mb(),
+                ))  # fmt: skip
+                del sess
+            except Exception as exc:  # a variant that builds but cannot run is a failed variant
+                results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
+    return Profile(
+        model_name=options.model.stem, model_digest=digest(options.model), instance_type=options.instance_type,
+        metric=options.metric, evaluation_rows=data.rows, threads=threads,  # type: ignore[arg-type]
+        hardware=measure.hardware(cpu_limit()), variants=results,
+    )  # fmt: skip

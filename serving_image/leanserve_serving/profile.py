@@ -1,0 +1,146 @@
+"""The Profile: what ``leanserve bench`` measured for one model on one instance type.
+
+Shared by the bench (which writes it), the operator (which stores it in its
+profile cache) and the planner (which reads service times and accuracy drops
+from it). The full form goes to a file; the compact form fits a Kubernetes
+container termination message (4 KiB), which is how a profiling Job hands its
+result back.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TERMINATION_MESSAGE_LIMIT = 4096
+
+VariantName = Literal["fp32", "int8-dynamic", "int8-static", "fp16"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hardware(_Model):
+    """Where the measurements were taken. A profile is only valid for this hardware."""
+
+    cpu_model: str
+    vcpus: int
+    isa_flags: list[str] = Field(default_factory=list)
+    """The flags that matter for quantized inference: avx2, avx512f, avx512_vnni, avx_vnni, amx_int8, ..."""
+    gpu: str | None = None
+    gpu_memory_mb: int | None = None
+    onnxruntime: str
+    providers: list[str]
+
+
+class LatencyPoint(_Model):
+    """Latency of one ``session.run`` at one batch size (not including HTTP)."""
+
+    batch_size: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput_rps: float
+    """Rows per second at this batch size: batch_size / mean latency."""
+
+
+class VariantProfile(_Model):
+    """One precision variant of the model: how it was built, how good it is, how fast."""
+
+    name: VariantName
+    status: Literal["ok", "failed", "skipped"]
+    reason: str = ""
+    """Why it failed or was skipped (a build error, no GPU, ...)."""
+    size_bytes: int | None = None
+    load_seconds: float | None = None
+    quality: float | None = None
+    """The evaluation metric on the evaluation data (accuracy, relative error, cosine)."""
+    quality_drop: float | None = None
+    """How much worse than fp32, in the metric's units; 0 for fp32 itself."""
+    latency: list[LatencyPoint] = Field(default_factory=list)
+    rss_mb: float | None = None
+    gpu_memory_mb: float | None = None
+
+    def best(self) -> LatencyPoint | None:
+        """The batch size with the highest throughput."""
+        return max(self.latency, key=lambda p: p.throughput_rps) if self.latency else None
+
+
+class Profile(_Model):
+    """Everything measured for one model on one instance type."""
+
+    schema_version: Literal[1] = 1
+    model_name: str
+    model_digest: str
+    """sha256 of the model file: the profile cache's key, with the instance type and image version."""
+    instance_type: str
+    metric: Literal["accuracy", "top1", "mse", "cosine"]
+    evaluation_rows: int
+    threads: int
+    hardware: Hardware
+    variants: list[VariantProfile]
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def variant(self, name: str) -> VariantProfile | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    # ---- compact form ---------------------------------------------------------------------------
+    def to_compact(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+        """JSON of at most ``limit`` bytes: numbers rounded, latency curves thinned if they must be.
+
+        The first and the best batch size of every variant are always kept.
+        """
+        doc = json.loads(self.model_dump_json())
+        for v in doc["variants"]:
+            v["reason"] = v["reason"][:300]
+            for point in v["latency"]:
+                for key, value in point.items():
+                    if isinstance(value, float):
+                        point[key] = float(f"{value:.4g}")
+        keep_every = 1
+        while True:
+            text = json.dumps(doc, separators=(",", ":"))
+            if len(text.encode()) <= limit:
+                return text
+            keep_every += 1
+            if keep_every > 64:
+                raise ValueError(f"the compact profile does not fit {limit} bytes")
+            for v, full in zip(doc["variants"], self.variants, strict=True):
+                best = full.best()
+                v["latency"] = [
+                    p for i, p in enumerate(v["latency"])
+                    if i % keep_every == 0 or (best is not None and p["batch_size"] == best.batch_size)
+                ]  # fmt: skip
+
+    @classmethod
+    def from_compact(cls, text: str) -> Profile:
+        """Parse (and validate) a compact profile, as the operator does with a termination message."""
+        return cls.model_validate_json(text)
+
+
+def summary_rows(profile: Profile) -> list[dict[str, Any]]:
+    """One row per variant, for the terminal summary and reports."""
+    rows = []
+    base = profile.variant("fp32")
+    base_best = base.best() if base else None
+    base_single = base.latency[0].throughput_rps if base and base.latency else None
+    for v in profile.variants:
+        best = v.best()
+        rows.append({
+            "variant": v.name,
+            "status": v.status if v.status == "ok" else f"{v.status}: {v.reason[:60]}",
+            "quality": v.quality,
+            "drop": v.quality_drop,
+            "p50_b1_ms": v.latency[0].p50_ms if v.latency else None,
+            "best_batch": best.batch_size if best else None,
+            "best_rps": best.throughput_rps if best else None,
+            "vs_fp32_best": best.throughput_rps / base_best.throughput_rps if best and base_best else None,
+            "vs_fp32_b1": best.throughput_rps / base_single if best and base_single else None,
+            "load_s": v.load_seconds,
+            "rss_mb": v.rss_mb,
+        })  # fmt: skip
+    return rows

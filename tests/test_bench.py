@@ -1,0 +1,149 @@
+"""leanserve bench on real ONNX Runtime sessions: variants, quality against fp32, latency curves, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from leanserve_serving.bench.evaldata import EvalDataError
+from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
+from leanserve_serving.profile import TERMINATION_MESSAGE_LIMIT, LatencyPoint, Profile, VariantProfile
+from leanserve_serving.reference_models import ReferenceModel, make_tabular
+
+FAST = {"seconds_per_point": 0.02, "max_batch": 64}
+
+
+@pytest.fixture(scope="module")
+def tabular(tmp_path_factory: pytest.TempPathFactory) -> ReferenceModel:
+    return make_tabular(tmp_path_factory.mktemp("tabular"))
+
+
+@pytest.fixture(scope="module")
+def profile(tabular: ReferenceModel) -> Profile:
+    return run_bench(BenchOptions(tabular.model, tabular.evaluation, instance_type="test", **FAST))
+
+
+def test_reference_model_is_trained_and_deterministic(tabular, tmp_path):
+    assert 0.75 < tabular.accuracy < 0.99, "trained well enough that an accuracy drop means something"
+    again = make_tabular(tmp_path)
+    assert again.model.read_bytes() == tabular.model.read_bytes()
+    assert again.accuracy == tabular.accuracy
+
+
+def test_every_cpu_variant_profiles_and_fp16_is_reported_skipped(profile):
+    status = {v.name: v.status for v in profile.variants}
+    assert status == {"fp32": "ok", "int8-dynamic": "ok", "int8-static": "ok", "fp16": "skipped"}
+    assert "no GPU" in profile.variant("fp16").reason
+    assert profile.hardware.vcpus >= 1 and profile.hardware.onnxruntime
+    assert profile.model_digest.startswith("sha256:")
+
+
+def test_quality_drops_are_exact_and_within_sane_bounds(profile, tabular):
+    fp32 = profile.variant("fp32")
+    assert fp32.quality == pytest.approx(tabular.accuracy, abs=1e-9)
+    assert fp32.quality_drop == 0
+    for name in ("int8-dynamic", "int8-static"):
+        v = profile.variant(name)
+        assert v.quality_drop == pytest.approx(fp32.quality - v.quality, abs=1e-12)
+        assert -0.02 <= v.quality_drop <= 0.05, f"{name} drop {v.quality_drop}"
+
+
+def test_latency_curves_grow_batch_by_batch(profile):
+    for v in profile.variants:
+        if v.status != "ok":
+            continue
+        sizes = [p.batch_size for p in v.latency]
+        assert sizes[0] == 1 and len(sizes) >= 3
+        assert sizes == [2**i for i in range(len(sizes))]
+        assert all(p.p50_ms <= p.p95_ms <= p.p99_ms for p in v.latency)
+        assert v.best().throughput_rps > v.latency[0].throughput_rps  # batching pays on this model
+        assert v.load_seconds > 0 and v.rss_mb > 0 and v.size_bytes > 0
+
+
+def test_compact_profile_fits_a_termination_message_and_round_trips(profile):
+    text = profile.to_compact()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    back = Profile.from_compact(text)
+    assert back.model_digest == profile.model_digest
+    assert [v.name for v in back.variants] == [v.name for v in profile.variants]
+    assert back.variant("fp32").quality == pytest.approx(profile.variant("fp32").quality, rel=1e-3)
+
+
+def test_compact_profile_thins_long_curves_but_keeps_the_best_point(profile):
+    points = [LatencyPoint(batch_size=2**i, p50_ms=1.123456 * i + 1, p95_ms=2.0 * i + 2, p99_ms=3.0 * i + 3,
+                           throughput_rps=1000.0 + (500 if i == 7 else i)) for i in range(11)]  # fmt: skip
+    big = profile.model_copy(update={"variants": [
+        VariantProfile(name=n, status="ok", latency=points, reason="x" * 1000, quality=0.9, quality_drop=0.0)
+        for n in ("fp32", "int8-dynamic", "int8-static", "fp16")
+    ]})  # fmt: skip
+    text = big.to_compact()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    for v in Profile.from_compact(text).variants:
+        assert v.best().batch_size == 128
+        assert len(v.reason) <= 300
+
+
+def test_corrupt_model_file_is_a_clear_error(tabular, tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07this is not a protobuf" * 10)
+    with pytest.raises(BenchError, match="not a loadable ONNX model"):
+        run_bench(BenchOptions(bad, tabular.evaluation, **FAST))
+
+
+def test_pytorch_file_is_a_clear_error(tabular, tmp_path):
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"PK")
+    with pytest.raises(BenchError, match="export to ONNX first"):
+        run_bench(BenchOptions(pt, tabular.evaluation, **FAST))
+
+
+def _npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"features": np.zeros((10, 64), np.float32), "labels": np.zeros(10, np.int64)}, "no array for model input"),
+        ({"input": np.zeros((10, 63), np.float32), "labels": np.zeros(10, np.int64)}, "the model expects [-1, 64]"),
+        ({"input": np.zeros((10, 64), np.float32), "labels": np.zeros(9, np.int64)}, "9 labels for 10 rows"),
+        ({"input": np.zeros((10, 64), np.float32)}, "needs labels"),
+        ({"input": np.array([["a"] * 64] * 10), "labels": np.zeros(10, np.int64)}, "must hold numbers"),
+    ],
+    ids=["missing-input", "wrong-shape", "label-count", "no-labels", "strings"],
+)
+def test_mismatched_evaluation_data_is_a_clear_error(tabular, tmp_path, arrays, message):
+    data = _npz(tmp_path / "eval.npz", **arrays)
+    with pytest.raises(BenchError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_bench(BenchOptions(tabular.model, data, **FAST))
+
+
+def test_pickled_evaluation_data_is_refused(tabular, tmp_path):
+    data = _npz(tmp_path / "eval.npz", input=np.array([object()] * 10, dtype=object), labels=np.zeros(10))
+    with pytest.raises(BenchError, match="object arrays are refused"):
+        run_bench(BenchOptions(tabular.model, data, **FAST))
+    assert issubclass(EvalDataError, ValueError)
+
+
+def test_cli_writes_full_and_compact_profiles(tabular, tmp_path):
+    exe = shutil.which("leanserve", path=str(Path(sys.executable).parent))
+    full, compact = tmp_path / "profile.json", tmp_path / "termination-log"
+    proc = subprocess.run(
+        [exe, "bench", str(tabular.model), "--eval", str(tabular.evaluation), "--instance-type", "c6i.2xlarge",
+         "--variants", "fp32,int8-dynamic", "--seconds-per-point", "0.02", "--max-batch", "16",
+         "--out", str(full), "--compact-out", str(compact)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [v["variant"] for v in summary["variants"]] == ["fp32", "int8-dynamic"]
+    assert Profile.model_validate_json(full.read_text()).instance_type == "c6i.2xlarge"
+    assert len(compact.read_bytes()) <= TERMINATION_MESSAGE_LIMIT
+    assert "int8-dynamic" in proc.stderr  # the summary table
