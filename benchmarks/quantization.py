@@ -17,10 +17,12 @@ from pathlib import Path
 
 from leanserve_serving.bench.run import BenchOptions, run_bench
 from leanserve_serving.profile import summary_rows
-from leanserve_serving.reference_models import make_tabular
+from leanserve_serving.reference_models import make_tabular, make_text_classifier
 
-#: The reference models built so far (the text classifier and the CNN are to come).
-REFERENCE_MODELS = {"tabular": make_tabular}
+#: The reference models (a small CNN is still to come).
+REFERENCE_MODELS = {"tabular": make_tabular, "text": make_text_classifier}
+#: Largest batch timed per model: the text encoder is ~1000x the tabular MLP's work per row.
+MAX_BATCH = {"tabular": 1024, "text": 64}
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
             ref = make(Path(tmp) / name)
             print(f"[{name}] trained: accuracy {ref.accuracy:.4f}; profiling ...", file=sys.stderr)
             options = BenchOptions(ref.model, ref.evaluation, seconds_per_point=args.seconds_per_point,
-                                   max_batch=args.max_batch)  # fmt: skip
+                                   max_batch=min(args.max_batch, MAX_BATCH[name]))  # fmt: skip
             profile = run_bench(options)
             hw = profile.hardware
             print(f"\n{name}: {hw.cpu_model}, {hw.vcpus} vCPU, ISA {' '.join(hw.isa_flags) or '-'}, "

@@ -147,3 +147,39 @@ def test_cli_writes_full_and_compact_profiles(tabular, tmp_path):
     assert Profile.model_validate_json(full.read_text()).instance_type == "c6i.2xlarge"
     assert len(compact.read_bytes()) <= TERMINATION_MESSAGE_LIMIT
     assert "int8-dynamic" in proc.stderr  # the summary table
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> ReferenceModel:
+    from leanserve_serving.reference_models import make_text_classifier
+
+    return make_text_classifier(tmp_path_factory.mktemp("text"))
+
+
+def test_text_reference_model_encoder_matches_minilm_and_is_trained(text_model):
+    """The ONNX encoder is the same function as the numpy MiniLM embedder, and the head learned the task."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from leanserve_serving.embedders import MiniLMEmbedder
+
+    assert 0.8 < text_model.accuracy < 0.99
+    model = onnx.load(str(text_model.model))
+    model.graph.output.append(helper.make_tensor_value_info("pooled", onnx.TensorProto.FLOAT, ["batch", 384]))
+    sess = ort.InferenceSession(model.SerializeToString())
+    embedder = MiniLMEmbedder()
+    text = "the battery is not great"
+    ids = np.array([embedder.tokenizer.encode(text).ids], np.int64)
+    pooled = sess.run(["pooled"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+    assert float(pooled @ embedder.embed(text)) > 0.9999
+
+
+def test_text_model_variants_profile_with_their_real_accuracy(text_model):
+    profile = run_bench(BenchOptions(text_model.model, text_model.evaluation, variants=("fp32", "int8-dynamic"),
+                                     seconds_per_point=0.05, max_batch=4))  # fmt: skip
+    fp32, int8 = profile.variant("fp32"), profile.variant("int8-dynamic")
+    assert fp32.quality == pytest.approx(text_model.accuracy, abs=1e-9)
+    assert int8.status == "ok"
+    assert int8.quality_drop == pytest.approx(fp32.quality - int8.quality, abs=1e-12)
+    assert abs(int8.quality_drop) < 0.1
