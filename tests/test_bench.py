@@ -183,3 +183,19 @@ def test_text_model_variants_profile_with_their_real_accuracy(text_model):
     assert int8.status == "ok"
     assert int8.quality_drop == pytest.approx(fp32.quality - int8.quality, abs=1e-12)
     assert abs(int8.quality_drop) < 0.1
+
+
+GPU_FIXTURE = Path(__file__).parent / "fixtures" / "profiles" / "tabular-nvidia-h200.json"
+
+
+def test_gpu_profile_fixture_is_labelled_with_the_hardware_it_came_from():
+    """Measured on the device machine (one H200) by benchmarks/gpu_profile.py with onnxruntime-gpu."""
+    profile = Profile.model_validate_json(GPU_FIXTURE.read_text())
+    assert profile.hardware.gpu == "NVIDIA H200"
+    assert profile.instance_type == "nvidia-h200"  # never a cloud type it was not measured on (g4dn = T4)
+    assert "CUDAExecutionProvider" in profile.hardware.providers
+    assert {v.name: v.status for v in profile.variants} == {n: "ok" for n in ("fp32", "int8-dynamic",
+                                                                               "int8-static", "fp16")}  # fmt: skip
+    fp16 = profile.variant("fp16")
+    assert abs(fp16.quality_drop) < 0.01
+    assert len(profile.to_compact().encode()) <= TERMINATION_MESSAGE_LIMIT
