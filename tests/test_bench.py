@@ -96,11 +96,44 @@ def test_corrupt_model_file_is_a_clear_error(tabular, tmp_path):
         run_bench(BenchOptions(bad, tabular.evaluation, **FAST))
 
 
-def test_pytorch_file_is_a_clear_error(tabular, tmp_path):
-    pt = tmp_path / "model.pt"
-    pt.write_bytes(b"PK")
-    with pytest.raises(BenchError, match="export to ONNX first"):
-        run_bench(BenchOptions(pt, tabular.evaluation, **FAST))
+def _torch_mlp_from(tabular: ReferenceModel):
+    """The tabular reference model's weights in a torch.nn.Sequential (so its accuracy is known)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tabular.model)).graph.initializer}
+    layers: list[torch.nn.Module] = []
+    for i in range(3):
+        w = weights[f"W{i}"]
+        linear = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(w.T.copy()))
+            linear.bias.copy_(torch.from_numpy(weights[f"B{i}"]))
+        layers += [linear, torch.nn.ReLU()] if i < 2 else [linear]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def test_torchscript_model_is_exported_to_onnx_and_profiled(tabular, tmp_path):
+    import torch
+
+    path = tmp_path / "tabular.pt"
+    torch.jit.save(torch.jit.script(_torch_mlp_from(tabular)), str(path))
+    profile = run_bench(BenchOptions(path, tabular.evaluation, variants=("fp32", "int8-dynamic"), **FAST))
+    assert profile.model_name == "tabular"
+    assert profile.variant("fp32").quality == pytest.approx(tabular.accuracy, abs=1e-9)  # the same function
+    assert profile.variant("int8-dynamic").status == "ok"
+    assert profile.model_digest.startswith("sha256:")
+
+
+def test_pickled_pytorch_module_is_refused(tabular, tmp_path):
+    """torch.save(model) is a pickle: loading it would run code, so the bench refuses it."""
+    import torch
+
+    path = tmp_path / "pickled.pt"
+    torch.save(_torch_mlp_from(tabular), str(path))
+    with pytest.raises(BenchError, match="not a TorchScript archive"):
+        run_bench(BenchOptions(path, tabular.evaluation, **FAST))
 
 
 def _npz(path: Path, **arrays: np.ndarray) -> Path:

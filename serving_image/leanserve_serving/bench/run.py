@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from leanserve_serving.bench import measure
 from leanserve_serving.bench.evaldata import EvalData, load_eval_data
+from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.variants import build_variants
 from leanserve_serving.model_server import cpu_limit, spec_of
 from leanserve_serving.profile import Profile, VariantProfile
@@ -40,6 +42,7 @@ class BenchOptions:
     seconds_per_point: float = 0.3
     gpu: bool | None = None
     """None: use the GPU when ONNX Runtime has the CUDA provider."""
+    # model: an ONNX file, or a TorchScript file (.pt/.pth), exported to ONNX with a dynamic batch axis
 
 
 Progress = Callable[[str], None]
@@ -53,26 +56,47 @@ def digest(path: Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def _load_fp32(options: BenchOptions, threads: int, gpu: bool) -> tuple[ort.InferenceSession, float]:
-    if options.model.suffix in (".pt", ".pth"):
-        raise BenchError(
-            f"{options.model.name}: PyTorch models are not supported by this build yet; export to ONNX first "
-            "(torch.onnx.export with a dynamic batch axis)"
-        )
+PYTORCH_SUFFIXES = (".pt", ".pth", ".torchscript")
+
+
+def _onnx_model(options: BenchOptions, work: Path) -> Path:
+    """The ONNX file to profile: the model itself, or its export when it is a TorchScript file."""
     if not options.model.is_file():
         raise BenchError(f"model file not found: {options.model}")
+    if options.model.suffix not in PYTORCH_SUFFIXES:
+        return options.model
+    if options.evaluation.suffix != ".npz":
+        raise BenchError("exporting a PyTorch model needs .npz evaluation data (example inputs)")
     try:
-        return measure.session(options.model, threads, gpu)
+        with np.load(options.evaluation, allow_pickle=False) as archive:
+            samples = {k: archive[k] for k in archive.files if k not in ("labels", "y")}
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"{options.evaluation.name}: cannot read: {exc}") from None
+    try:
+        return export_to_onnx(options.model, samples, work / f"{options.model.stem}.onnx")
+    except PyTorchModelError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def _load_fp32(model: Path, threads: int, gpu: bool) -> tuple[ort.InferenceSession, float]:
+    try:
+        return measure.session(model, threads, gpu)
     except Exception as exc:  # ORT's own exception types for corrupt files
-        raise BenchError(f"{options.model.name}: not a loadable ONNX model: {exc}") from None
+        raise BenchError(f"{model.name}: not a loadable ONNX model: {exc}") from None
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Profile:
     """Build, check and time every variant; return the Profile."""
+    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
+        return _run(options, Path(tmp), progress)
+
+
+def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
     gpu = options.gpu if options.gpu is not None else "CUDAExecutionProvider" in ort.get_available_providers()
     threads = options.threads or cpu_limit()
     progress(f"loading {options.model.name}")
-    fp32_session, _ = _load_fp32(options, threads, gpu)
+    model = _onnx_model(options, work)
+    fp32_session, _ = _load_fp32(model, threads, gpu)
     specs = [spec_of(i) for i in fp32_session.get_inputs()]
     try:
         data: EvalData = load_eval_data(options.evaluation, specs, options.metric)
@@ -84,27 +108,26 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Pro
         raise BenchError(f"the model cannot run on the evaluation data: {exc}") from None
     del fp32_session
     results = []
-    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
-        progress("building variants: " + ", ".join(options.variants))
-        for built in build_variants(options.model, data, Path(tmp), gpu, list(options.variants)):
-            if built.status != "ok" or built.path is None:
-                results.append(VariantProfile(name=built.name, status=built.status, reason=built.reason))  # type: ignore[arg-type]
-                progress(f"{built.name}: {built.status} ({built.reason})")
-                continue
-            progress(f"{built.name}: quality on {data.rows} rows")
-            try:
-                sess, load_s = measure.session(built.path, threads, gpu)
-                value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, reference)
-                progress(f"{built.name}: latency by batch size")
-                curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
-                results.append(VariantProfile(
-                    name=built.name, status="ok", size_bytes=built.path.stat().st_size, load_seconds=load_s,  # type: ignore[arg-type]
-                    quality=value, quality_drop=drop, latency=curve, rss_mb=measure.rss_mb(),
-                    gpu_memory_mb=measure.gpu_memory_mb(),
-                ))  # fmt: skip
-                del sess
-            except Exception as exc:  # a variant that builds but cannot run is a failed variant
-                results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
+    progress("building variants: " + ", ".join(options.variants))
+    for built in build_variants(model, data, work, gpu, list(options.variants)):
+        if built.status != "ok" or built.path is None:
+            results.append(VariantProfile(name=built.name, status=built.status, reason=built.reason))  # type: ignore[arg-type]
+            progress(f"{built.name}: {built.status} ({built.reason})")
+            continue
+        progress(f"{built.name}: quality on {data.rows} rows")
+        try:
+            sess, load_s = measure.session(built.path, threads, gpu)
+            value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, reference)
+            progress(f"{built.name}: latency by batch size")
+            curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
+            results.append(VariantProfile(
+                name=built.name, status="ok", size_bytes=built.path.stat().st_size, load_seconds=load_s,  # type: ignore[arg-type]
+                quality=value, quality_drop=drop, latency=curve, rss_mb=measure.rss_mb(),
+                gpu_memory_mb=measure.gpu_memory_mb(),
+            ))  # fmt: skip
+            del sess
+        except Exception as exc:  # a variant that builds but cannot run is a failed variant
+            results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
     return Profile(
         model_name=options.model.stem, model_digest=digest(options.model), instance_type=options.instance_type,
         metric=options.metric, evaluation_rows=data.rows, threads=threads,  # type: ignore[arg-type]
