@@ -209,13 +209,16 @@ def test_text_reference_model_encoder_matches_minilm_and_is_trained(text_model):
 
 
 def test_text_model_variants_profile_with_their_real_accuracy(text_model):
-    profile = run_bench(BenchOptions(text_model.model, text_model.evaluation, variants=("fp32", "int8-dynamic"),
-                                     seconds_per_point=0.05, max_batch=4))  # fmt: skip
-    fp32, int8 = profile.variant("fp32"), profile.variant("int8-dynamic")
+    profile = run_bench(BenchOptions(text_model.model, text_model.evaluation, variants=("fp32", "int8-dynamic",
+                                     "int8-static"), seconds_per_point=0.05, max_batch=2))  # fmt: skip
+    fp32 = profile.variant("fp32")
     assert fp32.quality == pytest.approx(text_model.accuracy, abs=1e-9)
-    assert int8.status == "ok"
-    assert int8.quality_drop == pytest.approx(fp32.quality - int8.quality, abs=1e-12)
-    assert abs(int8.quality_drop) < 0.1
+    for name in ("int8-dynamic", "int8-static"):
+        v = profile.variant(name)
+        assert v.status == "ok", v.reason
+        assert v.quality_drop == pytest.approx(fp32.quality - v.quality, abs=1e-12)
+    # Dynamic INT8 keeps the encoder close; static QDQ (MinMax) is allowed to be bad: the gate must see it.
+    assert abs(profile.variant("int8-dynamic").quality_drop) < 0.1
 
 
 GPU_FIXTURE = Path(__file__).parent / "fixtures" / "profiles" / "tabular-nvidia-h200.json"
@@ -232,3 +235,17 @@ def test_gpu_profile_fixture_is_labelled_with_the_hardware_it_came_from():
     fp16 = profile.variant("fp16")
     assert abs(fp16.quality_drop) < 0.01
     assert len(profile.to_compact().encode()) <= TERMINATION_MESSAGE_LIMIT
+
+
+def test_regression_and_embedding_metrics():
+    from leanserve_serving.bench.measure import quality
+
+    labels = np.array([1.0, 2.0, 3.0, 4.0])
+    reference = labels + 0.1
+    value, drop = quality("mse", labels + 0.2, labels, reference)  # relative error: mse / mean(label^2)
+    assert value == pytest.approx(0.04 / 7.5)
+    assert drop == pytest.approx((0.04 - 0.01) / 7.5)
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0]])
+    value, drop = quality("cosine", np.array([[1.0, 0.0], [1.0, 1.0]]), None, vectors)
+    assert value == pytest.approx((1 + 2**-0.5) / 2)
+    assert drop == pytest.approx(1 - value)
