@@ -1,0 +1,307 @@
+"""plan_deployment: every candidate (instance type x precision x batching policy) sized, priced,
+checked against the SLA, the accuracy gate, the budget and memory, ranked; plus the savings waterfall.
+
+Pure: profiles, prices and the spec in, a PlanResult out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
+from leanserve.planner.prices import InstanceType, PriceTable
+from leanserve_serving.profile import Profile, VariantProfile
+
+HOURS_PER_MONTH = 730.0
+
+#: The batching policies searched when batching is auto (max batch, max wait in ms); (1, 0) is "off".
+AUTO_POLICIES: tuple[Policy, ...] = (
+    Policy(1, 0.0),
+    *tuple(Policy(b, w) for b in (4, 8, 16, 32, 64, 128) for w in (2.0, 10.0)),
+)
+
+#: Bench variant -> the spec's precision names.
+PRECISION_OF = {"fp32": "fp32", "int8-dynamic": "int8", "int8-static": "int8", "fp16": "fp16"}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    overhead_ms: float = 1.0
+    """Per-request time outside the model (HTTP, JSON, queueing in the sidecar), added to predictions."""
+    max_utilization: float = 0.8
+    front_door_rps: float = 5000.0
+    """Ceiling of one replica's sidecar (HTTP + JSON in one Python process), whatever the model's speed.
+    benchmarks/serving.py measured 9-10 k req/s on 2 shared cores; 5 k leaves room for real payloads."""
+    observed_hit_rate: float | None = None
+    """Replaces the spec's expected cache hit rate once one is observed."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Instance types that cannot be scheduled, with the scheduler's reason."""
+    requests: int = 3000
+
+
+@dataclass
+class Candidate:
+    instance_type: str
+    variant: str
+    policy: Policy
+    price_per_hour: float
+    is_gpu: bool
+    quality_drop: float
+    capacity_rps: float = 0.0
+    latency_ms: float = float("nan")
+    mean_batch: float = 1.0
+    replicas_hourly: list[int] = field(default_factory=list)
+    monthly_cost: float = float("inf")
+    cost_per_million: float = float("inf")
+    reason: str = ""
+
+    @property
+    def precision(self) -> str:
+        return PRECISION_OF[self.variant]
+
+    @property
+    def feasible(self) -> bool:
+        return not self.reason
+
+    @property
+    def replicas_peak(self) -> int:
+        return max(self.replicas_hourly) if self.replicas_hourly else 0
+
+    @property
+    def replicas_average(self) -> float:
+        return float(np.mean(self.replicas_hourly)) if self.replicas_hourly else 0.0
+
+    def label(self) -> str:
+        batching = (
+            "no batching"
+            if self.policy.max_batch == 1
+            else f"batch<={self.policy.max_batch}/{self.policy.max_wait_ms:g}ms"
+        )
+        return f"{self.instance_type} {self.variant} {batching}"
+
+
+@dataclass
+class SavingsStep:
+    lever: str
+    cost_per_million: float
+    description: str
+
+
+@dataclass
+class PlanResult:
+    winner: Candidate | None
+    candidates: list[Candidate]
+    """Every candidate considered, feasible ones first, cheapest first."""
+    waterfall: list[SavingsStep]
+    infeasible: str = ""
+    """When there is no winner: which constraint binds and by how much."""
+    hourly_rps: list[float] = field(default_factory=list)
+    hit_rate: float = 0.0
+
+
+def traffic_shape(spec: InferenceDeploymentSpec) -> list[float]:
+    """Requests per second for each of the 24 hours: the declared profile, or a daily wave.
+
+    The default wave peaks at 14:00 UTC with exactly peakRps and averages exactly
+    averageRps: a raised cosine, sharpened (squared, cubed, ...) until its trough
+    stays at or above zero for the given peak-to-average ratio.
+    """
+    t = spec.traffic
+    if t.daily_profile is not None:
+        return [f * t.average_rps for f in t.daily_profile]
+    peak, average = t.effective_peak_rps(), t.average_rps
+    hours = np.arange(24)
+    for sharpness in range(1, 64):
+        g = ((1 + np.cos(2 * np.pi * (hours - 14) / 24)) / 2) ** sharpness
+        if g.mean() <= average / peak or peak == average:
+            break
+    amplitude = (peak - average) / (1 - g.mean()) if peak > average else 0.0
+    floor = peak - amplitude
+    return [float(max(0.0, floor + amplitude * x)) for x in g]
+
+
+def service_curve(variant: VariantProfile) -> ServiceCurve:
+    points = sorted(variant.latency, key=lambda p: p.batch_size)
+    return ServiceCurve(
+        tuple(p.batch_size for p in points), tuple(p.batch_size / p.throughput_rps * 1000 for p in points)
+    )
+
+
+def _policies(spec: InferenceDeploymentSpec, largest_measured: int) -> list[Policy]:
+    b = spec.batching
+    if b.mode == "off":
+        return [Policy(1, 0.0)]
+    if b.mode == "fixed":
+        return [Policy(int(b.max_batch_size or 1), float(b.max_wait_ms or 0.0))]
+    cap = min(b.max_batch_size or largest_measured, largest_measured)
+    return [p for p in AUTO_POLICIES if p.max_batch <= cap]
+
+
+def _size(rates: list[float], capacity: float, warm_pool: int, always_on_peak: bool) -> list[int]:
+    if capacity <= 0:
+        return []
+    if always_on_peak:
+        return [max(warm_pool, math.ceil(max(rates) / capacity))] * len(rates)
+    return [max(warm_pool, math.ceil(r / capacity)) for r in rates]
+
+
+def _price(c: Candidate, replicas: list[int], average_rps: float) -> tuple[float, float]:
+    monthly = sum(replicas) / len(replicas) * c.price_per_hour * HOURS_PER_MONTH
+    requests_per_month = average_rps * 3600 * HOURS_PER_MONTH
+    return monthly, monthly / (requests_per_month / 1e6)
+
+
+def plan_deployment(
+    spec: InferenceDeploymentSpec, profiles: list[Profile], prices: PriceTable, options: PlanOptions | None = None
+) -> PlanResult:
+    """The cheapest candidate that meets every constraint, the ranked table, and the savings waterfall."""
+    options = options or PlanOptions()
+    by_type = {p.instance_type: p for p in profiles}
+    names = spec.candidates or [t.name for t in prices.instance_types]
+    rejected: list[Candidate] = []
+    pending: list[tuple[Candidate, ServiceCurve]] = []
+    wanted = spec.precision
+    for name in names:
+        itype: InstanceType | None = prices.get(name)
+        profile = by_type.get(name)
+        stub = Candidate(name, "fp32", Policy(1, 0.0), itype.on_demand_usd_per_hour if itype else 0.0,
+                         bool(itype and itype.is_gpu), 0.0)  # fmt: skip
+        if itype is None:
+            rejected.append(replace(stub, reason="not in the price table"))
+            continue
+        if name in options.unavailable:
+            rejected.append(replace(stub, reason=f"unschedulable: {options.unavailable[name]}"))
+            continue
+        if profile is None:
+            rejected.append(replace(stub, reason="no profile measured on this type"))
+            continue
+        for v in profile.variants:
+            if v.status != "ok" or not v.latency:
+                continue
+            if wanted != "auto" and PRECISION_OF[v.name] != wanted:
+                continue
+            base = replace(stub, variant=v.name, quality_drop=v.quality_drop or 0.0)
+            if v.name != "fp32" and (v.quality_drop or 0.0) > spec.sla.max_accuracy_drop:
+                rejected.append(replace(base, reason=f"accuracy gate: drop {v.quality_drop:.4f} > "
+                                                     f"{spec.sla.max_accuracy_drop:g}"))  # fmt: skip
+                continue
+            if v.rss_mb and v.rss_mb > itype.memory_gi_b * 1024 * 0.9:
+                rejected.append(replace(base, reason=f"memory: {v.rss_mb:.0f} MiB > 90% of {itype.memory_gi_b:g} GiB"))
+                continue
+            curve = service_curve(v)
+            for policy in _policies(spec, max(curve.batch_sizes)):
+                pending.append((replace(base, policy=policy), curve))
+    rates = traffic_shape(spec)
+    hit = options.observed_hit_rate
+    if hit is None:
+        hit = spec.cache.exact.expected_hit_rate if spec.cache.exact.enabled else 0.0
+    served = [r * (1 - hit) for r in rates]
+    percentile, target = spec.sla.latency.percentile, spec.sla.latency.target_ms
+    evaluated: list[Candidate] = []
+    if pending:
+        curves = [c for _, c in pending]
+        policies = [cand.policy for cand, _ in pending]
+        capacity = max_rate(curves, policies, percentile, target, options.overhead_ms,
+                            max_utilization=options.max_utilization, requests=options.requests)  # fmt: skip
+        capacity = np.minimum(capacity, options.front_door_rps)
+        # The latency predicted at the rate each replica is planned to carry (a trickle where none is).
+        probe = np.where(capacity > 0, capacity, max(max(served) * 1e-3, 1e-3))
+        latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)
+        for (cand, _), cap, lat, mb in zip(pending, capacity, latency, batch, strict=True):
+            cand.capacity_rps, cand.latency_ms, cand.mean_batch = float(cap), float(lat), float(mb)
+            evaluated.append(cand)
+    warm = spec.autoscaling.warm_pool
+    for cand in evaluated:
+        if cand.capacity_rps <= 0:
+            cand.reason = f"SLA: p{percentile:g} {cand.latency_ms:.1f} ms > {target:g} ms even at low load"
+            continue
+        cand.replicas_hourly = _size(served, cand.capacity_rps, max(warm, 1), False)
+        cand.monthly_cost, cand.cost_per_million = _price(cand, cand.replicas_hourly, spec.traffic.average_rps)
+        cand.reason = _budget_reason(spec, cand)
+    ranked = sorted(evaluated, key=lambda c: (not c.feasible, c.cost_per_million, c.latency_ms)) + rejected
+    winner = ranked[0] if ranked and ranked[0].feasible else None
+    result = PlanResult(winner, ranked, [], hourly_rps=rates, hit_rate=hit)
+    if winner is None:
+        result.infeasible = _why_infeasible(spec, ranked)
+    else:
+        result.waterfall = savings_waterfall(spec, evaluated, winner, rates, hit, warm)
+    return result
+
+
+def _budget_reason(spec: InferenceDeploymentSpec, c: Candidate) -> str:
+    b = spec.budget
+    max_replicas = spec.autoscaling.max_replicas
+    if max_replicas is not None and c.replicas_peak > max_replicas:
+        return f"needs {c.replicas_peak} replicas at peak > maxReplicas {max_replicas}"
+    if b.max_cost_per_million_requests is not None and c.cost_per_million > b.max_cost_per_million_requests:
+        return f"over budget: ${c.cost_per_million:.2f}/1M > ${b.max_cost_per_million_requests:g}/1M"
+    if b.max_monthly_cost is not None and c.monthly_cost > b.max_monthly_cost:
+        return f"over budget: ${c.monthly_cost:.0f}/month > ${b.max_monthly_cost:g}/month"
+    return ""
+
+
+def _why_infeasible(spec: InferenceDeploymentSpec, ranked: list[Candidate]) -> str:
+    if not ranked:
+        return "no candidates: the spec names no instance type with a price"
+    priced = [c for c in ranked if math.isfinite(c.cost_per_million)]
+    if priced:
+        best = min(priced, key=lambda c: c.cost_per_million)
+        b = spec.budget
+        if b.max_cost_per_million_requests is not None and best.cost_per_million > b.max_cost_per_million_requests:
+            over = best.cost_per_million / b.max_cost_per_million_requests - 1
+            return (f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
+                    f"costs ${best.cost_per_million:.2f}/1M, {over:.0%} over maxCostPerMillionRequests")  # fmt: skip
+        if b.max_monthly_cost is not None and best.monthly_cost > b.max_monthly_cost:
+            over = best.monthly_cost / b.max_monthly_cost - 1
+            return (f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
+                    f"costs ${best.monthly_cost:.0f}/month, {over:.0%} over maxMonthlyCost")  # fmt: skip
+        return f"no feasible plan: {best.reason} ({best.label()})"
+    sla = [c for c in ranked if c.reason.startswith("SLA")]
+    if sla:
+        best = min(sla, key=lambda c: c.latency_ms)
+        target = spec.sla.latency.target_ms
+        return (f"no feasible plan: the latency SLA binds: the fastest candidate ({best.label()}) predicts "
+                f"{best.latency_ms:.1f} ms, {best.latency_ms / target - 1:.0%} over {target:g} ms")  # fmt: skip
+    reasons = sorted({c.reason.split(":")[0] for c in ranked})
+    return "no feasible plan: every candidate was rejected (" + ", ".join(reasons) + ")"
+
+
+def savings_waterfall(spec: InferenceDeploymentSpec, evaluated: list[Candidate], winner: Candidate,
+                      rates: list[float], hit: float, warm: int) -> list[SavingsStep]:  # fmt: skip
+    """Cost per 1M from the naive baseline through each lever in turn to the plan.
+
+    Baseline: the default CPU type (the first CPU type considered), fp32, no batching,
+    no cache, always on and sized for peak. Each lever then picks its best option
+    given the ones before it.
+    """
+    avg = spec.traffic.average_rps
+    usable = [c for c in evaluated if c.capacity_rps > 0]
+
+    def cost(c: Candidate, with_cache: bool, autoscale: bool) -> float:
+        served = [r * (1 - hit) for r in rates] if with_cache else rates
+        replicas = _size(served, c.capacity_rps, max(warm, 1), not autoscale)
+        return _price(c, replicas, avg)[1]
+
+    cpu = [c for c in usable if not c.is_gpu]
+    base_type = (cpu or usable)[0].instance_type
+    on_base = [c for c in usable if c.instance_type == base_type]
+    unbatched = [c for c in on_base if c.policy.max_batch == 1]
+    baseline = next((c for c in unbatched if c.variant == "fp32"), None) or min(
+        unbatched or on_base, key=lambda c: cost(c, False, False)
+    )
+    steps = [SavingsStep("baseline", cost(baseline, False, False),
+                         f"{base_type}, fp32, no batching, no cache, always on for peak")]  # fmt: skip
+    quant = min(unbatched or [baseline], key=lambda c: cost(c, False, False))
+    steps.append(SavingsStep("quantization", cost(quant, False, False), f"{quant.variant} on {base_type}"))
+    batched = min([c for c in on_base if c.variant == quant.variant] or [quant], key=lambda c: cost(c, False, False))
+    steps.append(SavingsStep("batching", cost(batched, False, False), batched.label()))
+    sized = min(usable, key=lambda c: cost(c, False, False))
+    steps.append(SavingsStep("right-sizing", cost(sized, False, False), sized.label()))
+    steps.append(SavingsStep("caching", cost(sized, True, False), f"{hit:.0%} of requests answered from the cache"))
+    steps.append(SavingsStep("autoscaling", cost(sized, True, True), f"hourly replicas, warm pool {warm}"))
+    steps.append(SavingsStep("plan", winner.cost_per_million, winner.label()))
+    return steps

@@ -1,0 +1,64 @@
+"""The plan as files a person reads: a Markdown report, and PNG charts when matplotlib is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.planner.plan import PlanResult
+
+
+def write_report(result: PlanResult, spec: InferenceDeploymentSpec, out_dir: Path) -> list[Path]:
+    """Write report.md (and waterfall.png, candidates.png with matplotlib); return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "report.md"]
+    lines = ["# leanserve plan", ""]
+    sla = spec.sla.latency
+    lines += [f"SLA: p{sla.percentile:g} < {sla.target_ms:g} ms; accuracy drop <= {spec.sla.max_accuracy_drop:g}; "
+              f"traffic {spec.traffic.average_rps:g} req/s average, {spec.traffic.effective_peak_rps():g} peak; "
+              f"cache hit rate {result.hit_rate:.0%}.", ""]  # fmt: skip
+    if result.winner is None:
+        lines += [f"**{result.infeasible}**", ""]
+    else:
+        w = result.winner
+        lines += [f"**Plan: {w.label()}**, {w.capacity_rps:.0f} req/s per replica, predicted p{sla.percentile:g} "
+                  f"{w.latency_ms:.1f} ms, replicas {min(w.replicas_hourly)}..{w.replicas_peak}, "
+                  f"${w.cost_per_million:.4f} per 1M requests, ${w.monthly_cost:.0f} per month.", "",
+                  "## Savings waterfall", "", "| lever | $/1M | what |", "|---|---:|---|"]  # fmt: skip
+        lines += [f"| {s.lever} | {s.cost_per_million:.4f} | {s.description} |" for s in result.waterfall]
+        lines.append("")
+    lines += ["## Candidates", "", "| # | instance | precision | batching | predicted latency ms | req/s per replica "
+              "| $/1M | why not |", "|---:|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+    for i, c in enumerate(result.candidates, 1):
+        batching = "off" if c.policy.max_batch == 1 else f"{c.policy.max_batch} / {c.policy.max_wait_ms:g} ms"
+        lines.append(f"| {i} | {c.instance_type} | {c.variant} | {batching} | {c.latency_ms:.1f} | "
+                     f"{c.capacity_rps:.0f} | {c.cost_per_million:.4f} | {c.reason} |")  # fmt: skip
+    written[0].write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    if result.waterfall:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        steps = result.waterfall
+        ax.bar([s.lever for s in steps], [s.cost_per_million for s in steps], color="#4c72b0")
+        ax.set_ylabel("USD per 1M requests")
+        ax.set_title("Savings waterfall")
+        fig.tight_layout()
+        fig.savefig(out_dir / "waterfall.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "waterfall.png")
+    feasible = [c for c in result.candidates if c.feasible][:12]
+    if feasible:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([c.label() for c in feasible][::-1], [c.cost_per_million for c in feasible][::-1], color="#55a868")
+        ax.set_xlabel("USD per 1M requests")
+        ax.set_title("Cheapest feasible candidates")
+        fig.tight_layout()
+        fig.savefig(out_dir / "candidates.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "candidates.png")
+    return written

@@ -1,0 +1,234 @@
+"""The planner: queueing sanity, constraints, ranking, waterfall, and its invariants (hypothesis).
+
+Profiles here are synthetic (named so): the planner's tests need instance types
+this machine is not, and their service times are made to a formula.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leanserve.api import InferenceDeployment
+from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
+from leanserve.planner.plan import PlanOptions, plan_deployment, traffic_shape
+from leanserve.planner.prices import load_prices
+from leanserve_serving.profile import Hardware, LatencyPoint, Profile, VariantProfile
+
+PRICES = load_prices()
+FAST = PlanOptions(requests=1500)
+
+
+def synthetic_profile(instance_type: str, base_ms: float, per_row_ms: float,
+                      variants: dict[str, tuple[float, float]] | None = None) -> Profile:  # fmt: skip
+    """A made-up profile (not a measurement): service time = base + per_row x batch, per variant speed-up."""
+    variants = variants or {"fp32": (1.0, 0.0), "int8-dynamic": (0.6, 0.004), "int8-static": (0.5, 0.02)}
+    out = []
+    for name, (speed, drop) in variants.items():
+        points = []
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            mean = (base_ms + per_row_ms * b) * speed
+            points.append(LatencyPoint(batch_size=b, p50_ms=mean, p95_ms=mean * 1.1, p99_ms=mean * 1.2,
+                                       throughput_rps=b / mean * 1000))  # fmt: skip
+        out.append(VariantProfile(name=name, status="ok", quality=0.9 - drop, quality_drop=drop, latency=points,
+                                  rss_mb=300))  # fmt: skip
+    hw = Hardware(cpu_model="synthetic", vcpus=8, onnxruntime="synthetic", providers=["CPUExecutionProvider"])
+    return Profile(model_name="synthetic", model_digest="sha256:synthetic", instance_type=instance_type,
+                   metric="accuracy", evaluation_rows=1000, threads=8, hardware=hw, variants=out)  # fmt: skip
+
+
+PROFILES = [
+    synthetic_profile("m5.2xlarge", 2.0, 0.5),
+    synthetic_profile("c6i.2xlarge", 1.6, 0.4),
+    synthetic_profile("c6i.xlarge", 2.4, 0.8),
+    synthetic_profile("g4dn.xlarge", 1.0, 0.02, {"fp32": (1.0, 0.0), "fp16": (0.5, 0.001)}),
+]
+
+
+def spec(**changes: Any) -> Any:
+    doc: dict[str, Any] = {
+        "apiVersion": "leanserve.dev/v1alpha1", "kind": "InferenceDeployment", "metadata": {"name": "p"},
+        "spec": {"model": {"uri": "file:///m.onnx", "evaluation": {"uri": "file:///e.npz"}},
+                 "sla": {"latency": {"percentile": 95, "targetMs": 100}, "maxAccuracyDrop": 0.01},
+                 "traffic": {"averageRps": 200, "peakRps": 600},
+                 "candidates": ["m5.2xlarge", "c6i.2xlarge", "c6i.xlarge", "g4dn.xlarge"]},
+    }  # fmt: skip
+    for path, value in changes.items():
+        node = doc["spec"]
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return InferenceDeployment.model_validate(copy.deepcopy(doc)).spec
+
+
+# ---- the latency model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.6, 0.8])
+def test_unbatched_simulation_agrees_with_md1(rho):
+    """Batch size 1, deterministic service, Poisson arrivals: M/D/1, W = s + rho s / (2 (1 - rho))."""
+    s_ms = 10.0
+    rate = rho / (s_ms / 1000)
+    mean, _ = simulate([ServiceCurve((1, 2), (s_ms, 2 * s_ms))], [Policy(1, 0)], np.array([rate]), None,
+                       requests=200_000)  # fmt: skip
+    expected = s_ms + rho * s_ms / (2 * (1 - rho))
+    assert mean[0] == pytest.approx(expected, rel=0.05)
+
+
+def test_batching_raises_the_sustainable_rate_when_batches_are_cheap():
+    curve = ServiceCurve((1, 2, 4, 8, 16, 32), (5.0, 5.2, 5.5, 6.0, 7.0, 9.0))
+    rates = max_rate([curve, curve], [Policy(1, 0), Policy(32, 5)], 95, 50, requests=2000)
+    assert rates[0] < 200  # at most 1 / 5 ms
+    assert rates[1] > 3 * rates[0]
+
+
+def test_default_traffic_shape_has_the_declared_average_and_peak():
+    rates = traffic_shape(spec())
+    assert max(rates) == pytest.approx(600)
+    assert np.mean(rates) == pytest.approx(200, rel=0.02)
+
+
+# ---- planning ---------------------------------------------------------------------------------
+
+
+def test_plan_picks_the_cheapest_feasible_candidate_and_ranks_the_rest():
+    result = plan_deployment(spec(), PROFILES, PRICES, FAST)
+    assert result.winner is not None and result.winner.feasible
+    feasible = [c for c in result.candidates if c.feasible]
+    assert result.winner is feasible[0]
+    assert [c.cost_per_million for c in feasible] == sorted(c.cost_per_million for c in feasible)
+    assert result.winner.latency_ms <= 100
+    assert all(c.reason for c in result.candidates if not c.feasible)
+    # int8-static's 2-point drop is over the 1-point gate
+    assert any(c.variant == "int8-static" and c.reason.startswith("accuracy gate") for c in result.candidates)
+
+
+def test_waterfall_runs_from_the_naive_baseline_to_the_plan():
+    result = plan_deployment(spec(**{"cache.exact.expectedHitRate": 0.18}), PROFILES, PRICES, FAST)
+    levers = [s.lever for s in result.waterfall]
+    assert levers == ["baseline", "quantization", "batching", "right-sizing", "caching", "autoscaling", "plan"]
+    costs = [s.cost_per_million for s in result.waterfall]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(costs[:-1])), costs
+    assert costs[-1] == pytest.approx(result.winner.cost_per_million)
+    assert costs[-1] < costs[0]
+    assert "m5.2xlarge" in result.waterfall[0].description
+
+
+def test_no_feasible_plan_names_the_binding_constraint_and_the_gap():
+    result = plan_deployment(spec(**{"budget.maxCostPerMillionRequests": 0.0001}), PROFILES, PRICES, FAST)
+    assert result.winner is None
+    assert "budget binds" in result.infeasible and "over maxCostPerMillionRequests" in result.infeasible
+    result = plan_deployment(spec(**{"sla.latency.targetMs": 0.5}), PROFILES, PRICES, FAST)
+    assert result.winner is None
+    assert "latency SLA binds" in result.infeasible
+
+
+def test_unavailable_unpriced_and_unprofiled_types_are_reported():
+    s = spec(candidates=["m5.2xlarge", "g4dn.xlarge", "c7i.xlarge", "x9.huge"])
+    options = PlanOptions(requests=1500, unavailable={"g4dn.xlarge": "0/6 nodes are available: no nvidia.com/gpu"})
+    result = plan_deployment(s, PROFILES, PRICES, options)
+    reasons = {c.instance_type: c.reason for c in result.candidates if not c.feasible and c.variant == "fp32"
+               and c.policy.max_batch == 1}  # fmt: skip
+    assert reasons["g4dn.xlarge"].startswith("unschedulable: 0/6 nodes")
+    assert reasons["c7i.xlarge"] == "no profile measured on this type"
+    assert reasons["x9.huge"] == "not in the price table"
+    assert result.winner.instance_type == "m5.2xlarge"
+
+
+def test_memory_that_does_not_fit_rejects_the_variant():
+    heavy = synthetic_profile("c6i.xlarge", 2.4, 0.8)
+    heavy = heavy.model_copy(update={"variants": [v.model_copy(update={"rss_mb": 20_000}) for v in heavy.variants]})
+    result = plan_deployment(spec(candidates=["c6i.xlarge"]), [heavy], PRICES, FAST)
+    assert result.winner is None
+    reasons = {c.variant: c.reason for c in result.candidates}
+    assert reasons["fp32"].startswith("memory: 20000 MiB > 90% of 8 GiB")
+    assert reasons["int8-dynamic"].startswith("memory")
+    assert reasons["int8-static"].startswith("accuracy gate")  # checked first
+
+
+def test_gpu_types_keep_a_warm_replica_and_max_replicas_binds():
+    result = plan_deployment(spec(candidates=["g4dn.xlarge"], **{"autoscaling.warmPool": 0}), PROFILES, PRICES, FAST)
+    assert min(result.winner.replicas_hourly) >= 1
+    capped = plan_deployment(spec(candidates=["c6i.xlarge"], batching={"mode": "off"},
+                                  autoscaling={"warmPool": 1, "maxReplicas": 1},
+                                  traffic={"averageRps": 900, "peakRps": 2000}), PROFILES, PRICES, FAST)  # fmt: skip
+    assert capped.winner is None
+    assert "maxReplicas 1" in capped.infeasible
+
+
+def test_a_plan_over_12_types_3_precisions_and_12_policies_is_fast():
+    import time
+
+    names = [t.name for t in PRICES.instance_types if t.name != "local"][:12]
+    profiles = [synthetic_profile(n, 1.0 + i * 0.1, 0.3) for i, n in enumerate(names)]
+    start = time.perf_counter()
+    result = plan_deployment(spec(candidates=names), profiles, PRICES)  # default (full) simulation length
+    elapsed = time.perf_counter() - start
+    assert len(result.candidates) >= 12 * 3 * 12 - 12 * 13  # every type x variant x policy (gate losers as rows)
+    print(f"plan over {len(result.candidates)} candidates: {elapsed:.2f} s")  # reported, not asserted (noisy)
+
+
+# ---- invariants -------------------------------------------------------------------------------
+
+
+def cost(result: Any) -> float:
+    return result.winner.cost_per_million if result.winner else math.inf
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.floats(10, 800), st.floats(1.0, 3.0))
+def test_more_traffic_never_gives_fewer_replicas(average, factor):
+    fixed = {"candidates": ["c6i.xlarge"], "precision": "fp32", "batching": {"mode": "fixed", "maxBatchSize": 8,
+                                                                              "maxWaitMs": 5}}  # fmt: skip
+    low = plan_deployment(
+        spec(traffic={"averageRps": average, "peakRps": 2 * average}, **fixed), PROFILES, PRICES, FAST
+    )
+    more = average * factor
+    high = plan_deployment(spec(traffic={"averageRps": more, "peakRps": 2 * more}, **fixed), PROFILES, PRICES, FAST)
+    assert high.winner.replicas_peak >= low.winner.replicas_peak
+    assert sum(high.winner.replicas_hourly) >= sum(low.winner.replicas_hourly)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["m5.2xlarge", "c6i.2xlarge", "c6i.xlarge"]), st.floats(1.0, 10.0))
+def test_raising_a_types_price_never_makes_it_win(name, factor):
+    s = spec(candidates=["m5.2xlarge", "c6i.2xlarge", "c6i.xlarge"])
+    before = plan_deployment(s, PROFILES, PRICES, FAST)
+    prices = PRICES.model_copy(deep=True)
+    entry = prices.get(name)
+    entry.on_demand_usd_per_hour *= factor
+    after = plan_deployment(s, PROFILES, prices, FAST)
+    if before.winner.instance_type != name:
+        assert after.winner.instance_type != name
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(5, 200), st.floats(0.2, 1.0))
+def test_a_tighter_sla_never_gives_a_cheaper_plan(target, tighten):
+    loose = plan_deployment(spec(**{"sla.latency.targetMs": target}), PROFILES, PRICES, FAST)
+    tight = plan_deployment(spec(**{"sla.latency.targetMs": target * tighten}), PROFILES, PRICES, FAST)
+    assert cost(tight) >= cost(loose) - 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.0, 0.05), st.floats(0.0, 1.0))
+def test_a_tighter_accuracy_gate_never_gives_a_cheaper_plan(gate, tighten):
+    loose = plan_deployment(spec(**{"sla.maxAccuracyDrop": gate}), PROFILES, PRICES, FAST)
+    tight = plan_deployment(spec(**{"sla.maxAccuracyDrop": gate * tighten}), PROFILES, PRICES, FAST)
+    assert cost(tight) >= cost(loose) - 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.0, 0.9), st.floats(0.0, 0.09))
+def test_a_larger_cache_hit_rate_never_costs_more(hit, more):
+    low = plan_deployment(spec(**{"cache.exact.expectedHitRate": hit}), PROFILES, PRICES, FAST)
+    high = plan_deployment(spec(**{"cache.exact.expectedHitRate": min(0.99, hit + more)}), PROFILES, PRICES, FAST)
+    assert cost(high) <= cost(low) + 1e-12
