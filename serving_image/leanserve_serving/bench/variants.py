@@ -5,7 +5,9 @@ A variant that cannot be built is reported with the reason, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +46,25 @@ class _Calibration:
         self.position = 0
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ORT's quantization tools log advice per tensor to the root logger; keep the bench's output readable."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def build_variants(model: Path, data: EvalData, out_dir: Path, gpu: bool, names: list[str]) -> list[BuiltVariant]:
     """Build the requested variants into ``out_dir``."""
+    with _quiet_quantizer():
+        return _build(model, data, out_dir, gpu, names)
+
+
+def _build(model: Path, data: EvalData, out_dir: Path, gpu: bool, names: list[str]) -> list[BuiltVariant]:
     built = []
     for name in names:
         try:

@@ -1,0 +1,199 @@
+"""The whole pipeline on this machine, no cluster: reference models -> bench -> plan -> serve -> load -> compare.
+
+The scenario is the campaign of DESIGN.md: 10 M requests a day (115.7 req/s on
+average, peak 3x), p95 under 100 ms, at most one point of accuracy lost. The
+model is the text classifier reference model (tokenizer + MiniLM encoder + a
+trained head). The only instance type measured here is this machine, priced as
+`local` in the price table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from leanserve.api.resource import InferenceDeployment
+from leanserve.planner.latency import simulate
+from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, service_curve
+from leanserve.planner.prices import load_prices
+from leanserve.planner.report import write_report
+
+CAMPAIGN = """
+apiVersion: leanserve.dev/v1alpha1
+kind: InferenceDeployment
+metadata: {name: campaign}
+spec:
+  model: {uri: "file:///models/text.onnx", evaluation: {uri: "file:///models/text-eval.npz", metric: accuracy}}
+  sla: {latency: {percentile: 95, targetMs: 100}, maxAccuracyDrop: 0.01}
+  traffic: {averageRps: 115.7, peakRps: 347}
+  candidates: [local]
+  cache: {exact: {expectedHitRate: 0.18}}
+  autoscaling: {warmPool: 1}
+"""
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class LoadResult:
+    offered_rps: float
+    achieved_rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    errors: float
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
+    """Offer ``rate`` req/s for ``seconds`` with hey (rate-limited workers), report what came back."""
+    exe = shutil.which("hey")
+    if exe is None:
+        raise RuntimeError("hey is not installed (apt-get install hey; make test installs it)")
+    workers = max(1, min(64, int(rate // 10) or 1))
+    out = subprocess.run([exe, "-z", f"{seconds:g}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m",
+                          "POST", "-T", "application/json", "-D", str(body), url],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+    def pct(p: int) -> float:
+        m = re.search(rf"\s{p}% in ([\d.]+) secs", out)
+        return float(m.group(1)) * 1000 if m else float("nan")
+
+    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    total = sum(codes.values()) or 1
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return LoadResult(rate, rps, pct(50), pct(95), pct(99), (total - codes.get(200, 0)) / total)
+
+
+def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]:
+    """Run every step; return the figures (also printed by the caller as one JSON line)."""
+    from leanserve_serving.bench.evaldata import load_eval_data
+    from leanserve_serving.bench.run import BenchOptions, run_bench
+    from leanserve_serving.bench.variants import build_variants
+    from leanserve_serving.model_server import cpu_limit
+    from leanserve_serving.reference_models import make_text_classifier
+
+    started = time.monotonic()
+    work.mkdir(parents=True, exist_ok=True)
+    say("1/5 building the reference text classifier (MiniLM encoder + a head trained on synthetic reviews)")
+    ref = make_text_classifier(work / "models")
+    say(f"    trained: accuracy {ref.accuracy:.4f} on {ref.evaluation.name}")
+
+    say("2/5 profiling fp32, int8-dynamic and int8-static on this machine (leanserve bench)")
+    profile = run_bench(BenchOptions(ref.model, ref.evaluation, instance_type="local", max_batch=32,
+                                     seconds_per_point=0.2), progress=lambda m: say(f"    {m}"))  # fmt: skip
+    (work / "profiles").mkdir(exist_ok=True)
+    (work / "profiles" / "text-local.json").write_text(profile.model_dump_json(indent=2))
+    for v in profile.variants:
+        best = v.best()
+        if best:
+            speed = f"best {best.throughput_rps:.0f} rows/s at batch {best.batch_size}"
+            say(f"    {v.name:13} accuracy {v.quality:.4f} (drop {v.quality_drop:+.4f}), "
+                f"b=1 p50 {v.latency[0].p50_ms:.2f} ms, {speed}")  # fmt: skip
+        else:
+            say(f"    {v.name:13} {v.status}: {v.reason}")
+
+    say("3/5 planning the campaign: 10 M requests/day, peak 3x, p95 < 100 ms, accuracy drop <= 1 point")
+    spec = InferenceDeployment.model_validate(yaml.safe_load(CAMPAIGN)).spec
+    result: PlanResult = plan_deployment(spec, [profile], load_prices(), PlanOptions())
+    report = write_report(result, spec, work / "report")
+    if result.winner is None:
+        raise RuntimeError(result.infeasible)
+    w = result.winner
+    say(f"    plan: {w.label()}: {w.capacity_rps:.0f} req/s per replica, predicted p95 {w.latency_ms:.1f} ms, "
+        f"{min(w.replicas_hourly)}..{w.replicas_peak} replicas, ${w.cost_per_million:.4f} per 1M requests")  # fmt: skip
+    for step in result.waterfall:
+        say(f"    {step.lever:13} ${step.cost_per_million:8.4f}/1M  {step.description}")
+
+    say("4/5 starting the planned serving stack: model server + batching sidecar")
+    variant_dir = work / "variants"
+    variant_dir.mkdir(exist_ok=True)
+    from leanserve_serving.tensors import TensorSpec
+
+    specs = [TensorSpec(n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask")]
+    data = load_eval_data(ref.evaluation, specs, "accuracy")
+    [built] = build_variants(ref.model, data, variant_dir, False, [w.variant])
+    model_port, front_port = _free_port(), _free_port()
+    env = {**os.environ, "LEANSERVE_THREADS": str(cpu_limit())}
+    procs = [subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(built.path),
+                               "--name", "text", "--host", "127.0.0.1", "--port", str(model_port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    try:
+        _wait(f"http://127.0.0.1:{model_port}/v2/health/ready", procs[0])
+        batch, wait_ms = w.policy.max_batch, w.policy.max_wait_ms
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", f"http://127.0.0.1:{model_port}",
+             "--host", "127.0.0.1", "--port", str(front_port), "--max-batch-size", str(batch),
+             "--max-wait-ms", str(wait_ms)], env={**env, "LEANSERVE_UPSTREAM_CONCURRENCY": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        _wait(f"http://127.0.0.1:{front_port}/v2/health/ready", procs[1])
+        say("    cache: off for the load test (it measures the model path the replicas are sized for; "
+            "hits would flatter it)")  # fmt: skip
+        row = {k: np.load(ref.evaluation)[k][:1].tolist() for k in ("input_ids", "attention_mask")}
+        body = work / "request.json"
+        body.write_text(json.dumps({"inputs": [{"name": k, "datatype": "INT64", "shape": [1, len(v[0])], "data": v[0]}
+                                               for k, v in row.items()]}))  # fmt: skip
+        # The rate one replica carries at the daily peak under this plan (model traffic, after cache hits).
+        rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
+        curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
+        predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
+        say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s (hey); "
+            f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
+        measured = load_test(f"http://127.0.0.1:{front_port}/v2/models/text/infer", body, rate, load_seconds)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+    error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")
+    say(f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "
+        f"offered {measured.offered_rps:.0f} req/s, served {measured.achieved_rps:.0f} req/s, "
+        f"errors {measured.errors:.1%}")  # fmt: skip
+    baseline = result.waterfall[0].cost_per_million
+    say(f"    cost per 1M requests: ${w.cost_per_million:.4f} against ${baseline:.4f} for the naive baseline "
+        f"({1 - w.cost_per_million / baseline:.0%} less)")  # fmt: skip
+    say(f"    report: {', '.join(str(p) for p in report)}")
+    return {
+        "model": "text (MiniLM + head)", "accuracy_fp32": ref.accuracy, "plan": w.label(),
+        "precision": w.variant, "max_batch": w.policy.max_batch, "max_wait_ms": w.policy.max_wait_ms,
+        "predicted_capacity_rps": round(w.capacity_rps, 1), "offered_rps": round(rate, 1),
+        "measured_served_rps": round(measured.achieved_rps, 1),
+        "predicted_p95_ms": round(predicted_p95, 2), "measured_p95_ms": round(measured.p95_ms, 2),
+        "p95_error": round(error, 3), "sla_met": measured.p95_ms <= spec.sla.latency.target_ms,
+        "cost_per_million": round(w.cost_per_million, 4), "baseline_cost_per_million": round(baseline, 4),
+        "waterfall": {s.lever: round(s.cost_per_million, 4) for s in result.waterfall},
+        "replicas": {"min": min(w.replicas_hourly), "peak": w.replicas_peak}, "threads": cpu_limit(),
+        "seconds": round(time.monotonic() - started, 1), "report": str(work / "report"),
+    }  # fmt: skip
