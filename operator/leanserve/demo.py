@@ -9,6 +9,7 @@ trained head). The only instance type measured here is this machine, priced as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import yaml
 
 from leanserve.api.resource import InferenceDeployment
-from leanserve.planner.latency import simulate
+from leanserve.planner.latency import Policy, simulate
 from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
 from leanserve.planner.report import write_report
@@ -97,6 +98,41 @@ def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
     return LoadResult(rate, rps, pct(50), pct(95), pct(99), (total - codes.get(200, 0)) / total)
 
 
+def request_body(evaluation: Path, path: Path) -> Path:
+    """A v2 request made of the first evaluation row, written where hey can read it."""
+    with np.load(evaluation, allow_pickle=False) as data:
+        inputs = [{"name": k, "datatype": "INT64" if data[k].dtype.kind == "i" else "FP32",
+                   "shape": [1, *data[k].shape[1:]], "data": data[k][:1].ravel().tolist()}
+                  for k in data.files if k not in ("labels", "y")]  # fmt: skip
+    path.write_text(json.dumps({"inputs": inputs}))
+    return path
+
+
+@contextlib.contextmanager
+def serving_stack(model: Path, name: str, policy: Policy) -> Iterator[str]:
+    """The planned pod on this machine: model server + sidecar with the plan's batching; yields the infer URL."""
+    from leanserve_serving.model_server import cpu_limit
+
+    model_port, front_port = _free_port(), _free_port()
+    env = {**os.environ, "LEANSERVE_THREADS": str(cpu_limit()), "LEANSERVE_UPSTREAM_CONCURRENCY": "1"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model),
+                               "--name", name, "--host", "127.0.0.1", "--port", str(model_port)], env=env, **quiet)]  # type: ignore[call-overload]  # fmt: skip
+    try:
+        _wait(f"http://127.0.0.1:{model_port}/v2/health/ready", procs[0])
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", f"http://127.0.0.1:{model_port}",
+             "--host", "127.0.0.1", "--port", str(front_port), "--max-batch-size", str(policy.max_batch),
+             "--max-wait-ms", str(policy.max_wait_ms)], env=env, **quiet))  # type: ignore[call-overload]  # fmt: skip
+        _wait(f"http://127.0.0.1:{front_port}/v2/health/ready", procs[1])
+        yield f"http://127.0.0.1:{front_port}/v2/models/{name}/infer"
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+
+
 def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]:
     """Run every step; return the figures (also printed by the caller as one JSON line)."""
     from leanserve_serving.bench.evaldata import load_eval_data
@@ -145,38 +181,17 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     specs = [TensorSpec(n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask")]
     data = load_eval_data(ref.evaluation, specs, "accuracy")
     [built] = build_variants(ref.model, data, variant_dir, False, [w.variant])
-    model_port, front_port = _free_port(), _free_port()
-    env = {**os.environ, "LEANSERVE_THREADS": str(cpu_limit())}
-    procs = [subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(built.path),
-                               "--name", "text", "--host", "127.0.0.1", "--port", str(model_port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
-    try:
-        _wait(f"http://127.0.0.1:{model_port}/v2/health/ready", procs[0])
-        batch, wait_ms = w.policy.max_batch, w.policy.max_wait_ms
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", f"http://127.0.0.1:{model_port}",
-             "--host", "127.0.0.1", "--port", str(front_port), "--max-batch-size", str(batch),
-             "--max-wait-ms", str(wait_ms)], env={**env, "LEANSERVE_UPSTREAM_CONCURRENCY": "1"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-        _wait(f"http://127.0.0.1:{front_port}/v2/health/ready", procs[1])
-        say("    cache: off for the load test (it measures the model path the replicas are sized for; "
-            "hits would flatter it)")  # fmt: skip
-        row = {k: np.load(ref.evaluation)[k][:1].tolist() for k in ("input_ids", "attention_mask")}
-        body = work / "request.json"
-        body.write_text(json.dumps({"inputs": [{"name": k, "datatype": "INT64", "shape": [1, len(v[0])], "data": v[0]}
-                                               for k, v in row.items()]}))  # fmt: skip
-        # The rate one replica carries at the daily peak under this plan (model traffic, after cache hits).
-        rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
-        curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
-        predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
+    say("    cache: off for the load test (it measures the model path the replicas are sized for; "
+        "hits would flatter it)")  # fmt: skip
+    body = request_body(ref.evaluation, work / "request.json")
+    # The rate one replica carries at the daily peak under this plan (model traffic, after cache hits).
+    rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
+    curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
+    predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
+    with serving_stack(built.path, "text", w.policy) as url:  # type: ignore[arg-type]
         say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s (hey); "
             f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
-        measured = load_test(f"http://127.0.0.1:{front_port}/v2/models/text/infer", body, rate, load_seconds)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        measured = load_test(url, body, rate, load_seconds)
     error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")
     say(f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "
         f"offered {measured.offered_rps:.0f} req/s, served {measured.achieved_rps:.0f} req/s, "
