@@ -9,17 +9,12 @@ trained head). The only instance type measured here is this machine, priced as
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +23,8 @@ import numpy as np
 import yaml
 
 from leanserve.api.resource import InferenceDeployment
-from leanserve.planner.latency import Policy, simulate
+from leanserve.local_stack import serving_stack
+from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
 from leanserve.planner.report import write_report
@@ -59,25 +55,6 @@ class LoadResult:
     errors: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
 def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
     """Offer ``rate`` req/s for ``seconds`` with hey (rate-limited workers), report what came back."""
     exe = shutil.which("hey")
@@ -106,31 +83,6 @@ def request_body(evaluation: Path, path: Path) -> Path:
                   for k in data.files if k not in ("labels", "y")]  # fmt: skip
     path.write_text(json.dumps({"inputs": inputs}))
     return path
-
-
-@contextlib.contextmanager
-def serving_stack(model: Path, name: str, policy: Policy) -> Iterator[str]:
-    """The planned pod on this machine: model server + sidecar with the plan's batching; yields the infer URL."""
-    from leanserve_serving.model_server import cpu_limit
-
-    model_port, front_port = _free_port(), _free_port()
-    env = {**os.environ, "LEANSERVE_THREADS": str(cpu_limit()), "LEANSERVE_UPSTREAM_CONCURRENCY": "1"}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model),
-                               "--name", name, "--host", "127.0.0.1", "--port", str(model_port)], env=env, **quiet)]  # type: ignore[call-overload]  # fmt: skip
-    try:
-        _wait(f"http://127.0.0.1:{model_port}/v2/health/ready", procs[0])
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", f"http://127.0.0.1:{model_port}",
-             "--host", "127.0.0.1", "--port", str(front_port), "--max-batch-size", str(policy.max_batch),
-             "--max-wait-ms", str(policy.max_wait_ms)], env=env, **quiet))  # type: ignore[call-overload]  # fmt: skip
-        _wait(f"http://127.0.0.1:{front_port}/v2/health/ready", procs[1])
-        yield f"http://127.0.0.1:{front_port}/v2/models/{name}/infer"
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
 
 
 def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]:
