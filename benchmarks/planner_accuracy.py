@@ -8,7 +8,8 @@ the predicted capacity against the measured one. Goal: within 15 %.
 
     .venv/bin/python benchmarks/planner_accuracy.py [--seconds 6]
 
-The last line is one JSON object with the figures.
+The load comes from hack/loadgen (Poisson arrivals, built with Go on first use),
+or from hey where Go is missing. The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import yaml
 
 from leanserve.api.resource import InferenceDeployment
-from leanserve.demo import load_test, request_body, serving_stack
+from leanserve.demo import _loadgen, load_test, request_body, serving_stack
 from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
@@ -96,7 +97,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = [measure_model("tabular", make_tabular, Path(tmp), args.seconds),
                    measure_model("text", make_text_classifier, Path(tmp), args.seconds)]  # fmt: skip
-    print(f"\nplanner accuracy: p95 < 100 ms, hey open-loop (rate-limited) load, {args.seconds:g} s per rate\n")
+    generator = "hack/loadgen, Poisson arrivals" if _loadgen() else "hey, rate-limited workers (bursty)"
+    print(f"\nplanner accuracy: p95 < 100 ms, open-loop load ({generator}), {args.seconds:g} s per rate\n")
     for r in results:
         print(f"{r['model']}: plan {r['plan']}")
         print(f"  max sustainable rate: predicted {r['predicted_capacity_rps']:.0f} req/s, measured "

@@ -55,11 +55,35 @@ class LoadResult:
     errors: float
 
 
+LOADGEN = Path(".cache/loadgen")
+
+
+def _loadgen() -> Path | None:
+    """hack/loadgen (open-loop Poisson arrivals, Go standard library only), built on first use when Go is here."""
+    source = Path(__file__).resolve().parents[2] / "hack" / "loadgen"
+    if not LOADGEN.exists() and shutil.which("go") and source.is_dir():
+        subprocess.run(["go", "build", "-o", str(LOADGEN.resolve()), "."], cwd=source, check=False,
+                       capture_output=True)  # fmt: skip
+    return LOADGEN if LOADGEN.exists() else None
+
+
 def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
-    """Offer ``rate`` req/s for ``seconds`` with hey (rate-limited workers), report what came back."""
+    """Offer ``rate`` req/s for ``seconds``; report what came back.
+
+    With hack/loadgen: Poisson arrivals (what the planner models), latency from each
+    scheduled arrival. Without Go, hey's rate-limited workers, which send in bursts
+    (their tickers run in step), so its percentiles run high.
+    """
+    loadgen = _loadgen()
+    if loadgen is not None:
+        argv = [str(loadgen), "-url", url, "-body", str(body), "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        r = json.loads(out)
+        total = r["sent"] or 1
+        return LoadResult(rate, r["achieved_rps"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"] / total)
     exe = shutil.which("hey")
     if exe is None:
-        raise RuntimeError("hey is not installed (apt-get install hey; make test installs it)")
+        raise RuntimeError("neither Go (for hack/loadgen) nor hey is installed (apt-get install hey)")
     workers = max(1, min(64, int(rate // 10) or 1))
     out = subprocess.run([exe, "-z", f"{seconds:g}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m",
                           "POST", "-T", "application/json", "-D", str(body), url],
@@ -141,8 +165,10 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
     predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
     with serving_stack(built.path, "text", w.policy) as url:  # type: ignore[arg-type]
-        say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s (hey); "
+        say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s; "
             f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
+        generator = "hack/loadgen (Poisson arrivals)" if _loadgen() else "hey (bursty; no Go here)"
+        say(f"    load generator: {generator}")
         measured = load_test(url, body, rate, load_seconds)
     error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")
     say(f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "

@@ -1,0 +1,3 @@
+module leanserve.dev/hack/loadgen
+
+go 1.24.0
