@@ -29,7 +29,7 @@ from leanserve.demo import _loadgen, load_test, request_body, serving_stack
 from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
-from leanserve_serving.bench.evaldata import EvalData
+from leanserve_serving.bench.evaldata import read_npz
 from leanserve_serving.bench.run import BenchOptions, run_bench
 from leanserve_serving.bench.variants import build_variants
 from leanserve_serving.reference_models import make_tabular, make_text_classifier
@@ -59,9 +59,7 @@ def measure_model(name: str, make, work: Path, seconds: float) -> dict[str, obje
     w = result.winner
     assert w is not None, result.infeasible
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
-    with np.load(ref.evaluation, allow_pickle=False) as d:
-        data = EvalData({k: d[k] for k in d.files if k != "labels"}, d["labels"])
-    [built] = build_variants(ref.model, data, work / name, False, [w.variant])
+    [built] = build_variants(ref.model, read_npz(ref.evaluation), work / name, False, [w.variant])
     body = request_body(ref.evaluation, work / name / "request.json")
     runs = []
     print(f"[{name}] plan {w.label()}: capacity {w.capacity_rps:.0f} req/s; loading ...", file=sys.stderr)

@@ -16,24 +16,7 @@ from typing import Any
 
 import orjson
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
+from leanserve.local_stack import free_port, wait_ready
 
 
 @dataclass
@@ -54,7 +37,7 @@ class Process:
         out = self.log.open("ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT)
         if ready_path is not None:
-            wait_http(self.url + ready_path, proc=self.proc)
+            wait_ready(self.url + ready_path, self.proc, timeout=30)
         return self
 
     def stop(self, kill: bool = False) -> None:

@@ -28,6 +28,7 @@ from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
 from leanserve.planner.report import write_report
+from leanserve_serving.bench.evaldata import read_npz
 
 CAMPAIGN = """
 apiVersion: leanserve.dev/v1alpha1
@@ -101,17 +102,14 @@ def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
 
 def request_body(evaluation: Path, path: Path) -> Path:
     """A v2 request made of the first evaluation row, written where hey can read it."""
-    with np.load(evaluation, allow_pickle=False) as data:
-        inputs = [{"name": k, "datatype": "INT64" if data[k].dtype.kind == "i" else "FP32",
-                   "shape": [1, *data[k].shape[1:]], "data": data[k][:1].ravel().tolist()}
-                  for k in data.files if k not in ("labels", "y")]  # fmt: skip
+    inputs = [{"name": k, "datatype": "INT64" if a.dtype.kind == "i" else "FP32", "shape": [1, *a.shape[1:]],
+               "data": a[:1].ravel().tolist()} for k, a in read_npz(evaluation).inputs.items()]  # fmt: skip
     path.write_text(json.dumps({"inputs": inputs}))
     return path
 
 
 def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]:
     """Run every step; return the figures (also printed by the caller as one JSON line)."""
-    from leanserve_serving.bench.evaldata import load_eval_data
     from leanserve_serving.bench.run import BenchOptions, run_bench
     from leanserve_serving.bench.variants import build_variants
     from leanserve_serving.model_server import cpu_limit
@@ -152,11 +150,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     say("4/5 starting the planned serving stack: model server + batching sidecar")
     variant_dir = work / "variants"
     variant_dir.mkdir(exist_ok=True)
-    from leanserve_serving.tensors import TensorSpec
-
-    specs = [TensorSpec(n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask")]
-    data = load_eval_data(ref.evaluation, specs, "accuracy")
-    [built] = build_variants(ref.model, data, variant_dir, False, [w.variant])
+    [built] = build_variants(ref.model, read_npz(ref.evaluation), variant_dir, False, [w.variant])
     say("    cache: off for the load test (it measures the model path the replicas are sized for; "
         "hits would flatter it)")  # fmt: skip
     body = request_body(ref.evaluation, work / "request.json")

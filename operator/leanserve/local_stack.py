@@ -15,17 +15,18 @@ from pathlib import Path
 from leanserve.planner.latency import Policy
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
     """Poll ``url`` until it answers; fail early, with the exit code, if ``proc`` dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1):
@@ -43,7 +44,7 @@ def serving_stack(
     ``policy``'s batching (and a cache when ``redis_url`` is set). Yields the infer URL; stops both after."""
     from leanserve_serving.model_server import cpu_limit
 
-    model_port, front_port = _free_port(), port or _free_port()
+    model_port, front_port = free_port(), port or free_port()
     env = {**os.environ, "LEANSERVE_THREADS": str(cpu_limit()), "LEANSERVE_UPSTREAM_CONCURRENCY": "1",
            "LEANSERVE_REDIS_URL": redis_url}  # fmt: skip
     output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}

@@ -179,30 +179,34 @@ class SemanticCache:
         best = int(np.argmax(scores))
         return self._ids[best], float(scores[best])
 
-    async def get(self, text: str) -> tuple[dict[str, Any] | None, float]:
-        """The cached response of the most similar text above the threshold, and the similarity."""
+    async def get(self, text: str) -> tuple[dict[str, Any] | None, float, np.ndarray | None]:
+        """The cached response of the most similar text above the threshold, the similarity, and the
+        text's embedding (pass it to :meth:`put` on a miss: embedding is the costly part)."""
         if not self.health.usable():
-            return None, 0.0
-        found = self._search(self.embedder.embed(text))
+            return None, 0.0, None
+        vector = self.embedder.embed(text)
+        found = self._search(vector)
         if found is None or found[1] < self.threshold:
-            return None, found[1] if found else 0.0
+            return None, found[1] if found else 0.0, vector
         entry_id, score = found
         try:
             raw = await self.client.get(self.prefix + entry_id)
         except REDIS_ERRORS as exc:
             self.health.failed(exc)
-            return None, score
+            return None, score, vector
         self.health.succeeded()
         if raw is None:  # expired: forget it here too
             self._drop(entry_id)
-            return None, score
+            return None, score, vector
         self.entries.move_to_end(entry_id)
-        return _decode(raw), score
+        return _decode(raw), score, vector
 
-    async def put(self, text: str, body: bytes) -> None:
+    async def put(self, text: str, body: bytes, vector: np.ndarray | None = None) -> None:
+        """Store a response for ``text``; ``vector`` is its embedding when :meth:`get` already made it."""
         if not self.health.usable():
             return
-        vector = self.embedder.embed(text)
+        if vector is None:
+            vector = self.embedder.embed(text)
         entry_id = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
         try:
             async with self.client.pipeline(transaction=False) as pipe:

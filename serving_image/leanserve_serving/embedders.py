@@ -87,8 +87,13 @@ class MiniLMEmbedder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_tokens)
         self.w = load_file(f"{model_dir}/model.safetensors")
-        # Linear weights are stored [out, in]; keep contiguous [in, out] copies for fast matmuls.
-        self.wt = {k[: -len(".weight")]: np.ascontiguousarray(v.T) for k, v in self.w.items() if v.ndim == 2}
+        # The encoder's linear weights are stored [out, in]; keep contiguous [in, out] copies for fast
+        # matmuls (only those: the embedding tables are gathered from, never multiplied).
+        self.wt = {
+            k[: -len(".weight")]: np.ascontiguousarray(v.T)
+            for k, v in self.w.items()
+            if v.ndim == 2 and k.startswith("encoder.")
+        }
         self.layers = 1 + max(int(k.split(".")[2]) for k in self.w if k.startswith("encoder.layer."))
         self.heads = 12
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 
 from leanserve_serving.config import load_config
 from leanserve_serving.tensors import ProtocolError, dumps, error_body
@@ -38,6 +39,15 @@ def serve_main(
     except ImportError:
         pass
     web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, print=None)  # type: ignore[attr-defined]
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    """``GET /metrics`` for one Prometheus registry (each process, or test app, has its own)."""
+
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    return prometheus
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from leanserve_serving import __version__
 from leanserve_serving.config import ModelServerConfig
-from leanserve_serving.http import json_response, protocol_errors, serve_main
+from leanserve_serving.http import json_response, metrics_handler, protocol_errors, serve_main
 from leanserve_serving.tensors import (
     ORT_TYPES,
     InferRequest,
@@ -204,9 +204,6 @@ def create_app(config: ModelServerConfig) -> web.Application:
         finally:
             metrics.requests.labels(target.name, str(code)).inc()
 
-    async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
-
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
@@ -216,7 +213,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
     app.router.add_get("/v2/models/{name}/versions/{version}/ready", model_ready)
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_post("/v2/models/{name}/versions/{version}/infer", infer)
-    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/metrics", metrics_handler(metrics.registry))
     app.on_cleanup.append(lambda _: asyncio.to_thread(executor.shutdown))
     return app
 

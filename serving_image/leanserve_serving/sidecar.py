@@ -20,13 +20,13 @@ import aiohttp
 import numpy as np
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from leanserve_serving.batcher import BatchStats, DynamicBatcher
 from leanserve_serving.cache import ExactCache, RedisHealth, SemanticCache, connect, exact_key
 from leanserve_serving.config import SidecarConfig
 from leanserve_serving.embedders import make_embedder
-from leanserve_serving.http import error_response, json_response, protocol_errors, serve_main
+from leanserve_serving.http import error_response, json_response, metrics_handler, protocol_errors, serve_main
 from leanserve_serving.tensors import (
     DATATYPES,
     InferRequest,
@@ -203,8 +203,9 @@ def create_app(config: SidecarConfig) -> web.Application:
                 return hit, "exact"
         semantic = await semantic_for(model)
         text = SemanticCache.text_of(decoded) if semantic else None
+        vector = None
         if semantic is not None and text is not None:
-            hit, _ = await semantic.get(text)
+            hit, _, vector = await semantic.get(text)
             (metrics.cache_hits if hit else metrics.cache_misses).labels("semantic").inc()
             if hit is not None:
                 return hit, "semantic"
@@ -215,7 +216,7 @@ def create_app(config: SidecarConfig) -> web.Application:
             if exact is not None and key is not None:
                 await exact.put(key, raw)
             if semantic is not None and text is not None:
-                await semantic.put(text, raw)
+                await semantic.put(text, raw, vector)
         return body, "model"
 
     async def infer(request: web.Request) -> web.Response:
@@ -251,9 +252,6 @@ def create_app(config: SidecarConfig) -> web.Application:
         status, payload = await state["upstream"].call("GET", request.path)
         return json_response(payload, status=status)
 
-    async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
-
     app.on_startup.append(startup)
     app.on_cleanup.append(cleanup)
     app.router.add_get("/v2/health/live", live)
@@ -262,7 +260,7 @@ def create_app(config: SidecarConfig) -> web.Application:
     app.router.add_get("/v2/models/{name}", proxy_get)
     app.router.add_get("/v2/models/{name}/ready", proxy_get)
     app.router.add_post("/v2/models/{name}/infer", infer)
-    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/metrics", metrics_handler(metrics.registry))
     app["metrics"] = metrics
     return app
 

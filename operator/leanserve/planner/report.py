@@ -41,24 +41,27 @@ def write_report(result: PlanResult, spec: InferenceDeploymentSpec, out_dir: Pat
         import matplotlib.pyplot as plt
     except ImportError:
         return written
-    if result.waterfall:
+
+    def chart(name: str, title: str, labels: list[str], costs: list[float], horizontal: bool, color: str) -> None:
         fig, ax = plt.subplots(figsize=(8, 4))
-        steps = result.waterfall
-        ax.bar([s.lever for s in steps], [s.cost_per_million for s in steps], color="#4c72b0")
-        ax.set_ylabel("USD per 1M requests")
-        ax.set_title("Savings waterfall")
+        if horizontal:
+            ax.barh(labels[::-1], costs[::-1], color=color)
+            ax.set_xlabel("USD per 1M requests")
+        else:
+            ax.bar(labels, costs, color=color)
+            ax.set_ylabel("USD per 1M requests")
+        ax.set_title(title)
         fig.tight_layout()
-        fig.savefig(out_dir / "waterfall.png", dpi=100)
+        fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)
-        written.append(out_dir / "waterfall.png")
+        written.append(out_dir / name)
+
+    if result.waterfall:
+        steps = result.waterfall
+        chart("waterfall.png", "Savings waterfall", [s.lever for s in steps], [s.cost_per_million for s in steps],
+              horizontal=False, color="#4c72b0")  # fmt: skip
     feasible = [c for c in result.candidates if c.feasible][:12]
     if feasible:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.barh([c.label() for c in feasible][::-1], [c.cost_per_million for c in feasible][::-1], color="#55a868")
-        ax.set_xlabel("USD per 1M requests")
-        ax.set_title("Cheapest feasible candidates")
-        fig.tight_layout()
-        fig.savefig(out_dir / "candidates.png", dpi=100)
-        plt.close(fig)
-        written.append(out_dir / "candidates.png")
+        chart("candidates.png", "Cheapest feasible candidates", [c.label() for c in feasible],
+              [c.cost_per_million for c in feasible], horizontal=True, color="#55a868")  # fmt: skip
     return written

@@ -58,12 +58,26 @@ def load_eval_data(path: Path, specs: list[TensorSpec], metric: str) -> EvalData
     return data
 
 
-def _load_npz(path: Path, specs: list[TensorSpec]) -> EvalData:
+LABEL_KEYS = ("labels", "y")
+
+
+def read_npz(path: Path) -> EvalData:
+    """An ``.npz`` as it is: every array but the labels is an input (not yet checked against a model)."""
     try:
         archive = dict(np.load(path, allow_pickle=False))  # never unpickle data from outside
     except ValueError as exc:
         raise EvalDataError(f"{path.name}: not a plain .npz (object arrays are refused): {exc}") from None
-    labels = archive.pop("labels", archive.pop("y", None))
+    except OSError as exc:
+        raise EvalDataError(f"{path.name}: cannot read: {exc}") from None
+    labels = next((archive.pop(k) for k in LABEL_KEYS if k in archive), None)
+    for k in LABEL_KEYS:
+        archive.pop(k, None)
+    return EvalData(archive, labels)
+
+
+def _load_npz(path: Path, specs: list[TensorSpec]) -> EvalData:
+    raw = read_npz(path)
+    archive, labels = dict(raw.inputs), raw.labels
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
         array = archive.pop(spec.name, None)

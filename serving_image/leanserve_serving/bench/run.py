@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from leanserve_serving.bench import measure
-from leanserve_serving.bench.evaldata import EvalData, load_eval_data
+from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_data, read_npz
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.variants import build_variants
 from leanserve_serving.model_server import cpu_limit, spec_of
@@ -68,13 +67,9 @@ def _onnx_model(options: BenchOptions, work: Path) -> Path:
     if options.evaluation.suffix != ".npz":
         raise BenchError("exporting a PyTorch model needs .npz evaluation data (example inputs)")
     try:
-        with np.load(options.evaluation, allow_pickle=False) as archive:
-            samples = {k: archive[k] for k in archive.files if k not in ("labels", "y")}
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"{options.evaluation.name}: cannot read: {exc}") from None
-    try:
+        samples = read_npz(options.evaluation).inputs
         return export_to_onnx(options.model, samples, work / f"{options.model.stem}.onnx")
-    except PyTorchModelError as exc:
+    except (EvalDataError, PyTorchModelError) as exc:
         raise BenchError(str(exc)) from None
 
 
