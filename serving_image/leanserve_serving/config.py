@@ -58,6 +58,8 @@ class SidecarConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     redis_url: str = ""
     """Empty: no cache."""
+    exact_enabled: bool = True
+    """Answer repeated requests from the exact cache (needs redis_url)."""
     cache_ttl_seconds: int = 3600
     cache_exclude_fields: list[str] = dataclasses.field(default_factory=list)
     semantic_enabled: bool = False

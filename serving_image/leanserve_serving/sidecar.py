@@ -155,8 +155,8 @@ def create_app(config: SidecarConfig) -> web.Application:
         if config.redis_url:
             client = connect(config.redis_url)
             health = RedisHealth(lambda up: metrics.redis_up.set(1 if up else 0))
-            state.update(redis=client, health=health, exact=ExactCache(client, health, config.cache_ttl_seconds,
-                                                                       config.cache_exclude_fields))  # fmt: skip
+            exact = ExactCache(client, health, config.cache_ttl_seconds, config.cache_exclude_fields)
+            state.update(redis=client, health=health, exact=exact if config.exact_enabled else None)
             if config.semantic_enabled:
                 state["embedder"] = make_embedder(config.semantic_embedder)
         else:

@@ -88,6 +88,10 @@ class ModelSpec(ApiModel):
     uri: ModelUri
     format: Literal["onnx", "pytorch"] = "onnx"
     """onnx, or pytorch (a TorchScript or full-model file, exported to ONNX)."""
+    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$")
+    """Hex sha256 of the model file. Checked by the serving pod before the model loads, and the
+    key of the profile cache (without it the URI is the key, and a changed file at the same URI
+    is not noticed)."""
     evaluation: EvaluationSpec | None = None
     """Labelled data for the accuracy gate. Without it only fp32 is served."""
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from leanserve import __version__
-from leanserve.cli import bench_cmd, crds_cmd, demo_cmd, plan_cmd, serve_cmd, validate_cmd
+from leanserve.cli import bench_cmd, crds_cmd, demo_cmd, operator_cmd, plan_cmd, serve_cmd, validate_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"leanserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (validate_cmd, crds_cmd, demo_cmd, serve_cmd, bench_cmd, plan_cmd):
+    for module in (validate_cmd, crds_cmd, demo_cmd, serve_cmd, bench_cmd, plan_cmd, operator_cmd):
         module.register(sub)
     return parser
 

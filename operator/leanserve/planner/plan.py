@@ -7,6 +7,7 @@ Pure: profiles, prices and the spec in, a PlanResult out.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -204,18 +205,9 @@ def plan_deployment(
     served = [r * (1 - hit) for r in rates]
     percentile, target = spec.sla.latency.percentile, spec.sla.latency.target_ms
     evaluated: list[Candidate] = []
-    if pending:
-        curves = [c for _, c in pending]
-        policies = [cand.policy for cand, _ in pending]
-        capacity = max_rate(curves, policies, percentile, target, options.overhead_ms,
-                            max_utilization=options.max_utilization, requests=options.requests)  # fmt: skip
-        capacity = np.minimum(capacity, options.front_door_rps)
-        # The latency predicted at the rate each replica is planned to carry (a trickle where none is).
-        probe = np.where(capacity > 0, capacity, max(max(served) * 1e-3, 1e-3))
-        latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)
-        for (cand, _), cap, lat, mb in zip(pending, capacity, latency, batch, strict=True):
-            cand.capacity_rps, cand.latency_ms, cand.mean_batch = float(cap), float(lat), float(mb)
-            evaluated.append(cand)
+    for (cand, _), (cap, lat, mb) in zip(pending, _evaluate(pending, percentile, target, options), strict=True):
+        cand.capacity_rps, cand.latency_ms, cand.mean_batch = cap, lat, mb
+        evaluated.append(cand)
     warm = spec.autoscaling.warm_pool
     for cand in evaluated:
         if cand.capacity_rps <= 0:
@@ -232,6 +224,36 @@ def plan_deployment(
     else:
         result.waterfall = savings_waterfall(spec, evaluated, winner, rates, hit, warm)
     return result
+
+
+#: (curve, policy, SLA, options) -> (capacity, latency at that capacity, mean batch): what a configuration can
+#: do does not depend on the traffic, so an operator re-planning after a traffic change, or planning many
+#: deployments of the same model, simulates each configuration once.
+_EVALUATIONS: OrderedDict[tuple, tuple[float, float, float]] = OrderedDict()
+_EVALUATIONS_MAX = 50_000
+
+
+def _evaluate(pending: list[tuple[Candidate, ServiceCurve]], percentile: float, target: float,
+              options: PlanOptions) -> list[tuple[float, float, float]]:  # fmt: skip
+    """Capacity per replica, the latency predicted there and the mean batch, for each pending configuration."""
+    settings = (percentile, target, options.overhead_ms, options.max_utilization, options.requests,
+                options.front_door_rps)  # fmt: skip
+    keys = [(curve, cand.policy, *settings) for cand, curve in pending]
+    missing = list(dict.fromkeys(k for k in keys if k not in _EVALUATIONS))
+    if missing:
+        curves = [k[0] for k in missing]
+        policies = [k[1] for k in missing]
+        capacity = max_rate(curves, policies, percentile, target, options.overhead_ms,
+                            max_utilization=options.max_utilization, requests=options.requests)  # fmt: skip
+        capacity = np.minimum(capacity, options.front_door_rps)
+        # The latency predicted at the rate each replica is planned to carry (a trickle where none is possible).
+        probe = np.where(capacity > 0, capacity, 1e-3)
+        latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)
+        for key, cap, lat, mb in zip(missing, capacity, latency, batch, strict=True):
+            _EVALUATIONS[key] = (float(cap), float(lat), float(mb))
+        while len(_EVALUATIONS) > _EVALUATIONS_MAX:
+            _EVALUATIONS.popitem(last=False)
+    return [_EVALUATIONS[k] for k in keys]
 
 
 def _budget_reason(spec: InferenceDeploymentSpec, c: Candidate) -> str:

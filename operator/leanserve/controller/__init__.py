@@ -1,0 +1,1 @@
+"""The operator's parts: builders (pure manifests), reconcile, the Kubernetes adapter, the profile cache, handlers."""

@@ -1,0 +1,466 @@
+"""Manifests for a planned InferenceDeployment: pure functions, spec + plan in, Kubernetes objects out.
+
+Everything here is plain data: the reconciler applies these dicts with
+server-side apply, and the tests read them without a cluster. One builder per
+object (``render_deployment``, ``render_hpa``, ...); ``render_all`` is the
+whole set, in the order it should be applied (what a pod mounts before the
+pod).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from leanserve import __version__
+from leanserve.api.resource import API_VERSION, KIND
+from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.planner.plan import HOURS_PER_MONTH, Candidate
+from leanserve.planner.prices import InstanceType
+
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+GPU_RESOURCE = "nvidia.com/gpu"
+OWNER_LABEL = "leanserve.dev/inferencedeployment"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "leanserve"}
+SIDECAR_PORT = 8080
+MODEL_PORT = 8081
+REDIS_PORT = 6379
+#: UID of the serving image's user (serving_image/Dockerfile) and of the redis image's.
+SERVING_UID = 10001
+REDIS_UID = 999
+#: CPU and memory left on a node for the kubelet, the OS and daemonsets.
+NODE_RESERVED_MILLICPU = 500
+NODE_MEMORY_SHARE = 0.85
+#: The per-pod metric the sidecar exports, as a custom metrics API serves it (prometheus-adapter rule).
+RPS_METRIC = "leanserve_requests_per_second"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the operator adds to every deployment: images and cluster capabilities."""
+
+    image: str = f"ghcr.io/leanserve/serving:{__version__}"
+    gpu_image: str = f"ghcr.io/leanserve/serving-gpu:{__version__}"
+    redis_image: str = "redis:7.4-alpine"
+    custom_metrics: bool = False
+    """A custom metrics API serves ``leanserve_requests_per_second`` per pod: the HPA scales on it."""
+    cpu_target_utilization: int = 70
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The InferenceDeployment every object belongs to (for names, labels and owner references)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    """The standard labels, plus the owner's name (what the reconciler selects on)."""
+    return {
+        "app.kubernetes.io/name": "leanserve-serving" if component == "serving" else "leanserve-redis",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "leanserve",
+        "app.kubernetes.io/version": __version__,
+        **MANAGED_BY,
+        OWNER_LABEL: owner.name,
+    }
+
+
+def selector(owner: Owner, component: str) -> dict[str, str]:
+    """The immutable part of the labels (a Deployment selector never changes)."""
+    return {"app.kubernetes.io/instance": owner.name, "app.kubernetes.io/component": component, OWNER_LABEL: owner.name}
+
+
+def _metadata(owner: Owner, name: str, component: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, component),
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+        **extra,
+    }
+
+
+def redis_name(owner: Owner) -> str:
+    return f"{owner.name}-redis"
+
+
+def config_name(owner: Owner) -> str:
+    return f"{owner.name}-sidecar"
+
+
+def wants_managed_redis(spec: InferenceDeploymentSpec) -> bool:
+    """A managed Redis runs when a cache is on and the spec names no Redis of its own."""
+    cache = spec.cache
+    on = cache.exact.enabled or cache.semantic.enabled
+    return on and cache.redis.url is None and cache.redis.managed is not False
+
+
+def sidecar_settings(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate) -> dict[str, Any]:
+    """The sidecar's settings file (SidecarConfig's fields), batching and caching as planned."""
+    cache = spec.cache
+    if cache.redis.url is not None:
+        redis_url = cache.redis.url
+    elif wants_managed_redis(spec):
+        redis_url = f"redis://{redis_name(owner)}.{owner.namespace}.svc:{REDIS_PORT}/0"
+    else:
+        redis_url = ""
+    return {
+        "upstream": f"http://127.0.0.1:{MODEL_PORT}",
+        "port": SIDECAR_PORT,
+        "max_batch_size": plan.policy.max_batch,
+        "max_wait_ms": plan.policy.max_wait_ms,
+        "redis_url": redis_url if (cache.exact.enabled or cache.semantic.enabled) else "",
+        "exact_enabled": cache.exact.enabled,
+        "cache_ttl_seconds": cache.exact.ttl_seconds,
+        "cache_exclude_fields": list(cache.exact.exclude_fields),
+        "semantic_enabled": cache.semantic.enabled,
+        "semantic_threshold": cache.semantic.threshold,
+        "semantic_max_entries": cache.semantic.max_entries,
+    }
+
+
+def render_config(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate) -> dict[str, Any]:
+    settings = sidecar_settings(owner, spec, plan)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, config_name(owner), "serving"),
+        "data": {"sidecar.json": json.dumps(settings, indent=2, sort_keys=True)},
+    }
+
+
+def pod_resources(spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
+                  rss_mb: float | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """(model server, sidecar) resources: one pod fills its node, as the bench measured the model.
+
+    The profile was measured with every core of the instance type, so the model
+    server gets the node's CPU less the sidecar's and the node's reserve. CPU
+    limits equal requests: a throttled model server is a latency the plan did
+    not predict.
+    """
+    total = itype.vcpus * 1000 - NODE_RESERVED_MILLICPU
+    sidecar_cpu = 1000 if itype.vcpus >= 4 else 500
+    model_cpu = max(total - sidecar_cpu, 250)
+    node_mi = int(itype.memory_gi_b * 1024 * NODE_MEMORY_SHARE)
+    sidecar_mi = 1024 if spec.cache.semantic.enabled else 512
+    model_mi = min(node_mi - sidecar_mi, max(1024, math.ceil((rss_mb or 0) * 2 / 256) * 256))
+    model = {"requests": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
+             "limits": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"}}  # fmt: skip
+    if itype.is_gpu:
+        model["requests"][GPU_RESOURCE] = str(itype.gpus)
+        model["limits"][GPU_RESOURCE] = str(itype.gpus)
+    sidecar = {"requests": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"},
+               "limits": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"}}  # fmt: skip
+    overrides = spec.serving.resources
+    if overrides is not None:
+        model["requests"].update(overrides.requests)
+        model["limits"].update(overrides.limits)
+    return model, sidecar
+
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _probes(port: int) -> dict[str, Any]:
+    return {
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": port}, "periodSeconds": 5,
+                           "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": port}, "periodSeconds": 10,
+                          "failureThreshold": 3},
+        "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": port}, "periodSeconds": 2,
+                         "failureThreshold": 150},
+    }  # fmt: skip
+
+
+def _source_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The volume (and its mount) that makes a pvc:// or configmap:// URI readable by the init container."""
+    parts = urlsplit(uri)
+    if parts.scheme == "pvc":
+        name = f"pvc-{parts.netloc}"[:63]
+        return ({"name": name, "persistentVolumeClaim": {"claimName": parts.netloc, "readOnly": True}},
+                {"name": name, "mountPath": f"/mnt/pvc/{parts.netloc}", "readOnly": True})  # fmt: skip
+    if parts.scheme == "configmap":
+        name = f"cm-{parts.netloc}"[:63]
+        return ({"name": name, "configMap": {"name": parts.netloc}},
+                {"name": name, "mountPath": f"/mnt/configmap/{parts.netloc}", "readOnly": True})  # fmt: skip
+    return None
+
+
+def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
+                      settings: BuildSettings, rss_mb: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """The serving Deployment: fetch init container, model server, batching sidecar.
+
+    ``spec.replicas`` is left out on purpose: the HPA owns it (the reconciler
+    sets the first value once, at creation, under another field manager).
+    """
+    gpu = itype.is_gpu
+    image = (spec.serving.gpu_image or settings.gpu_image) if gpu else (spec.serving.image or settings.image)
+    model_res, sidecar_res = pod_resources(spec, plan, itype, rss_mb)
+    fetch_args = ["python", "-m", "leanserve_serving.fetch", "--uri", spec.model.uri, "--out", "/models/model.onnx",
+                  "--variant", plan.variant, "--format", spec.model.format]  # fmt: skip
+    if spec.model.sha256:
+        fetch_args += ["--sha256", spec.model.sha256]
+    if spec.model.evaluation is not None:
+        fetch_args += ["--evaluation", spec.model.evaluation.uri]
+    if gpu:
+        fetch_args.append("--gpu")
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+        {"name": "sidecar-config", "configMap": {"name": config_name(owner)}},
+    ]
+    fetch_mounts = [{"name": "models", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}]
+    for uri in [spec.model.uri] + ([spec.model.evaluation.uri] if spec.model.evaluation else []):
+        extra = _source_volume(uri)
+        if extra and extra[0]["name"] not in {v["name"] for v in volumes}:
+            volumes.append(extra[0])
+            fetch_mounts.append(extra[1])
+    settings_json = render_config(owner, spec, plan)["data"]["sidecar.json"]
+    pod_annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(SIDECAR_PORT),
+        "prometheus.io/path": "/metrics",
+        # A changed sidecar setting or model variant rolls the pods (a ConfigMap change alone would not).
+        "leanserve.dev/config-hash": hashlib.sha256((settings_json + " ".join(fetch_args)).encode()).hexdigest()[:16],
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SERVING_UID,
+            "runAsGroup": SERVING_UID,
+            "fsGroup": SERVING_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
+        "initContainers": [
+            {
+                "name": "fetch-model",
+                "image": image,
+                "command": fetch_args,
+                "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": fetch_mounts,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "containers": [
+            {
+                "name": "model-server",
+                "image": image,
+                "command": ["python", "-m", "leanserve_serving.model_server"],
+                "env": [
+                    {"name": "LEANSERVE_MODEL_PATH", "value": "/models/model.onnx"},
+                    {"name": "LEANSERVE_PORT", "value": str(MODEL_PORT)},
+                    {"name": "LEANSERVE_PROVIDER", "value": "cuda" if gpu else "cpu"},
+                ],
+                "ports": [{"name": "model", "containerPort": MODEL_PORT}],
+                "resources": model_res,
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": [
+                    {"name": "models", "mountPath": "/models", "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                **_probes(MODEL_PORT),
+            },
+            {
+                "name": "sidecar",
+                "image": image,
+                "command": ["python", "-m", "leanserve_serving.sidecar"],
+                "env": [{"name": "LEANSERVE_CONFIG_FILE", "value": "/etc/leanserve/sidecar.json"}],
+                "ports": [{"name": "http", "containerPort": SIDECAR_PORT}],
+                "resources": sidecar_res,
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": [
+                    {"name": "sidecar-config", "mountPath": "/etc/leanserve", "readOnly": True},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                **_probes(SIDECAR_PORT),
+            },
+        ],
+        "volumes": volumes,
+    }
+    if gpu:
+        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, owner.name, "serving"),
+        "spec": {
+            "selector": {"matchLabels": selector(owner, "serving")},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels(owner, "serving"), "annotations": pod_annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_service(owner: Owner) -> dict[str, Any]:
+    """The Service in front of the sidecars (the pod's front door), v2 protocol on port 80."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, owner.name, "serving"),
+        "spec": {
+            "selector": selector(owner, "serving"),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def replica_bounds(spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType) -> tuple[int, int]:
+    """(minReplicas, maxReplicas) of the HPA.
+
+    min is the warm pool, at least 1 (HPA minReplicas 0 needs an alpha feature)
+    and at least 1 on GPU types, where a cold start takes minutes. max is
+    maxReplicas when set, otherwise the peak sizing plus a quarter for
+    headroom; either way no more than the monthly budget pays for if it ran
+    all month, and never below min.
+    """
+    low = max(spec.autoscaling.warm_pool, 1)
+    high = spec.autoscaling.max_replicas or max(plan.replicas_peak, math.ceil(plan.replicas_peak * 1.25))
+    if spec.budget.max_monthly_cost is not None:
+        affordable = int(spec.budget.max_monthly_cost // (itype.on_demand_usd_per_hour * HOURS_PER_MONTH))
+        high = min(high, affordable)
+    return low, max(high, low)
+
+
+def render_hpa(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
+               settings: BuildSettings) -> dict[str, Any]:  # fmt: skip
+    """autoscaling/v2: fast up, stabilised down; per-pod request rate when a custom metrics API exists."""
+    low, high = replica_bounds(spec, plan, itype)
+    if settings.custom_metrics:
+        metric = {"type": "Pods", "pods": {
+            "metric": {"name": RPS_METRIC},
+            "target": {"type": "AverageValue", "averageValue": f"{max(int(plan.capacity_rps * 1000), 1)}m"},
+        }}  # fmt: skip
+    else:
+        metric = {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization", "averageUtilization": settings.cpu_target_utilization},
+        }}  # fmt: skip
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(owner, owner.name, "serving"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": low,
+            "maxReplicas": high,
+            "metrics": [metric],
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "selectPolicy": "Max",
+                    "policies": [
+                        {"type": "Percent", "value": 100, "periodSeconds": 15},
+                        {"type": "Pods", "value": 4, "periodSeconds": 15},
+                    ],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": spec.autoscaling.scale_down_stabilization_seconds,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Percent", "value": 50, "periodSeconds": 60}],
+                },
+            },
+        },
+    }
+
+
+def render_pdb(owner: Owner) -> dict[str, Any]:
+    """At most one serving pod down at a time during node drains (never blocks a drain of one replica)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(owner, owner.name, "serving"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(owner, "serving")}},
+    }
+
+
+def render_redis(owner: Owner, spec: InferenceDeploymentSpec, settings: BuildSettings) -> list[dict[str, Any]]:
+    """A single-replica, memory-only Redis for this deployment's caches (a cache: losing it loses nothing)."""
+    maxmemory_mb = 256 if not spec.cache.semantic.enabled else 1024
+    name = redis_name(owner)
+    container = {
+        "name": "redis", "image": settings.redis_image,
+        "args": ["--save", "", "--appendonly", "no", "--maxmemory", f"{maxmemory_mb}mb",
+                 "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no"],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+        "resources": {"requests": {"cpu": "100m", "memory": f"{maxmemory_mb + 64}Mi"},
+                      "limits": {"cpu": "1", "memory": f"{maxmemory_mb + 128}Mi"}},
+        "securityContext": CONTAINER_SECURITY,
+        "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5},
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }  # fmt: skip
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, "cache"),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector(owner, "cache")},
+            "template": {
+                "metadata": {"labels": labels(owner, "cache")},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": REDIS_UID,
+                        "runAsGroup": REDIS_UID,
+                        "fsGroup": REDIS_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, "cache"),
+        "spec": {"selector": selector(owner, "cache"),
+                 "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
+    }  # fmt: skip
+    return [deployment, service]
+
+
+def render_all(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
+               settings: BuildSettings, rss_mb: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every object of the deployment, in apply order."""
+    objects = render_redis(owner, spec, settings) if wants_managed_redis(spec) else []
+    return [
+        *objects,
+        render_config(owner, spec, plan),
+        render_deployment(owner, spec, plan, itype, settings, rss_mb),
+        render_service(owner),
+        render_hpa(owner, spec, plan, itype, settings),
+        render_pdb(owner),
+    ]

@@ -1,0 +1,98 @@
+"""kopf handlers: thin. Parse nothing, compute nothing; call reconcile and translate its outcome.
+
+Registered on import (kopf's default registry); ``leanserve operator`` imports
+this module and runs kopf. Handler progress and the last handled spec are
+stored in annotations under ``leanserve.dev/`` (the status schema is ours and
+keeps no kopf fields).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+from kubernetes.client.rest import ApiException
+
+from leanserve.api.resource import GROUP, PLURAL, VERSION
+from leanserve.controller import kube
+from leanserve.controller.builders import OWNER_LABEL
+from leanserve.controller.reconcile import OperatorSettings, reconcile, refresh_availability
+
+log = logging.getLogger("leanserve.operator")
+SERVING_LABELS = {"app.kubernetes.io/managed-by": "leanserve", "app.kubernetes.io/component": "serving"}
+
+
+def make_api_client() -> ApiClient:
+    """In-cluster credentials when running in a pod, else the current kubeconfig ($KUBECONFIG)."""
+    try:
+        kube_config.load_incluster_config()
+        return ApiClient()
+    except kube_config.ConfigException:
+        return kube_config.new_client_from_config()
+
+
+def has_custom_metrics(api: ApiClient) -> bool:
+    """Whether a custom metrics API (prometheus-adapter, KEDA) is registered: the HPA then scales on req/s."""
+    try:
+        kube.request(api, "GET", "/apis/custom.metrics.k8s.io")
+        return True
+    except ApiException:
+        return False
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="leanserve.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="leanserve.dev")
+    settings.posting.level = logging.WARNING  # our own Events mark transitions; kopf's add noise
+    settings.execution.max_workers = 8
+    settings.watching.server_timeout = 270
+    if "api" not in memo:
+        memo.api = make_api_client()
+    if "settings" not in memo:
+        memo.settings = OperatorSettings.from_environment(custom_metrics=has_custom_metrics(memo.api))
+    log.info("event=started custom_metrics=%s instance_types=%d", memo.settings.build.custom_metrics,
+             len(memo.settings.prices.instance_types))  # fmt: skip
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Plan and apply; retry later without profiles; stop retrying on a spec that cannot be parsed."""
+    outcome = reconcile(memo.api, _plain(body), memo.settings)
+    if outcome.permanent:
+        raise kopf.PermanentError(outcome.permanent)
+    if outcome.retry_after_s is not None:
+        raise kopf.TemporaryError("waiting for profiles", delay=outcome.retry_after_s)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def deleted(name: str, namespace: str, **_: Any) -> None:
+    """Nothing to do: owner references let the garbage collector remove what we created (no finalizer)."""
+    log.info("event=deleted name=%s/%s", namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
+def serving_deployment_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Readiness of the serving Deployment -> the owner's replicas, Available condition and phase."""
+    meta = body.get("metadata", {})
+    owner = (meta.get("labels") or {}).get(OWNER_LABEL)
+    if not owner or "api" not in memo:
+        return
+    ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceDeployment",
+           "metadata": {"name": owner, "namespace": meta["namespace"]}}  # fmt: skip
+    infd = kube.get(memo.api, ref)
+    if infd is None:
+        return
+    refresh_availability(memo.api, infd, None if type == "DELETED" else _plain(body))
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """kopf's read-only view as plain dicts (what the reconciler and the builders expect)."""
+    import copy
+
+    return copy.deepcopy(dict(body))
