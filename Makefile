@@ -48,9 +48,11 @@ fmt: $(BIN)/.installed
 
 crds: $(BIN)/.installed
 	$(BIN)/leanserve crds --out crds
+	$(BIN)/leanserve crds --out charts/leanserve/crds
 
 crds-check: $(BIN)/.installed
 	$(BIN)/leanserve crds --out crds --check
+	$(BIN)/leanserve crds --out charts/leanserve/crds --check
 
 system-deps:
 	@bash scripts/install-system-deps.sh

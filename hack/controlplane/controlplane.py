@@ -87,8 +87,8 @@ class NodePool:
         ]
 
 
-CPU_POOLS = (NodePool("m5.2xlarge", "8", "32Gi"), NodePool("c6i.2xlarge", "8", "16Gi"))
-GPU_POOL = NodePool("g4dn.xlarge", "4", "16Gi", gpus=1)
+CPU_POOLS = (NodePool("m5.2xlarge", "8", "32Gi", count=8), NodePool("c6i.2xlarge", "8", "16Gi", count=8))
+GPU_POOL = NodePool("g4dn.xlarge", "4", "16Gi", gpus=1, count=4)
 
 
 def _log(message: str) -> None:

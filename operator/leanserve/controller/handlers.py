@@ -91,6 +91,19 @@ def serving_deployment_changed(body: kopf.Body, type: str | None, memo: kopf.Mem
     refresh_availability(memo.api, infd, None if type == "DELETED" else _plain(body))
 
 
+def _deploying(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Deploying"
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=5, initial_delay=2, when=_deploying)
+def deploying(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """While Deploying, look at the serving Deployment every 5 s: its events may come before our status write."""
+    meta = body["metadata"]
+    ref = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": meta["name"],
+                                                                       "namespace": meta["namespace"]}}  # fmt: skip
+    refresh_availability(memo.api, _plain(body), kube.get(memo.api, ref))
+
+
 def _plain(body: kopf.Body) -> dict[str, Any]:
     """kopf's read-only view as plain dicts (what the reconciler and the builders expect)."""
     import copy

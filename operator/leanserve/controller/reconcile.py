@@ -127,7 +127,9 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
             "observedGeneration": generation,
             "conditions": merge(conditions, [Cond("Planned", "False", "InvalidSpec", message)], generation),
         }
-        outcome = Outcome(status, permanent=message)  # fmt: skip
+        outcome = Outcome(status, permanent=message)
+        log.warning("event=invalid_spec name=%s/%s generation=%s %s", meta["namespace"], meta["name"], generation,
+                    message)  # fmt: skip
         _write(api, body, status, outcome)
         return outcome
 
