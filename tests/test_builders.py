@@ -1,0 +1,167 @@
+"""The manifest builders: pure functions, checked without a cluster (the cluster tests apply them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.controller.builders import (
+    BuildSettings,
+    Owner,
+    render_all,
+    render_deployment,
+    render_hpa,
+    replica_bounds,
+    sidecar_settings,
+)
+from leanserve.planner.latency import Policy
+from leanserve.planner.plan import Candidate
+from leanserve.planner.prices import load_prices
+
+PRICES = load_prices()
+OWNER = Owner("fraud", "team-a", "0000-uid")
+CPU, GPU = PRICES.get("m5.2xlarge"), PRICES.get("g4dn.xlarge")
+
+
+def spec(**changes: Any) -> InferenceDeploymentSpec:
+    base: dict[str, Any] = {
+        "model": {"uri": "https://models.example.com/fraud.onnx", "evaluation": {"uri": "pvc://data/eval.npz"}},
+        "sla": {"latency": {"targetMs": 100}},
+        "traffic": {"averageRps": 100},
+    }
+    base.update(changes)
+    return InferenceDeploymentSpec.model_validate(base)
+
+
+def plan(instance_type: str = "m5.2xlarge", variant: str = "int8-dynamic", batch: int = 16, wait: float = 2.0,
+         peak: int = 4, capacity: float = 250.0) -> Candidate:  # fmt: skip
+    itype = PRICES.get(instance_type)
+    assert itype is not None
+    c = Candidate(instance_type, variant, Policy(batch, wait), itype.on_demand_usd_per_hour, itype.is_gpu, 0.002)
+    c.capacity_rps, c.replicas_hourly = capacity, [1] * 12 + [peak] * 12
+    return c
+
+
+def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    pod = deployment["spec"]["template"]["spec"]
+    return {c["name"]: c for c in pod["initContainers"] + pod["containers"]}
+
+
+def test_every_object_is_owned_labelled_and_in_the_namespace():
+    objects = render_all(OWNER, spec(), plan(), CPU, BuildSettings())
+    kinds = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
+    assert kinds == ["Deployment/fraud-redis", "Service/fraud-redis", "ConfigMap/fraud-sidecar", "Deployment/fraud",
+                     "Service/fraud", "HorizontalPodAutoscaler/fraud", "PodDisruptionBudget/fraud"]  # fmt: skip
+    for o in objects:
+        assert o["metadata"]["namespace"] == "team-a"
+        (ref,) = o["metadata"]["ownerReferences"]
+        assert ref["uid"] == "0000-uid" and ref["controller"] is True
+        assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "leanserve"
+
+
+def test_the_serving_pod_is_restricted_probed_scraped_and_pinned_to_the_planned_type():
+    d = render_deployment(OWNER, spec(), plan(), CPU, BuildSettings())
+    pod = d["spec"]["template"]["spec"]
+    assert "replicas" not in d["spec"], "the HPA owns replicas"
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "m5.2xlarge"}
+    assert "tolerations" not in pod and pod["automountServiceAccountToken"] is False
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    for c in containers(d).values():
+        sc = c["securityContext"]
+        assert (
+            sc["readOnlyRootFilesystem"]
+            and not sc["allowPrivilegeEscalation"]
+            and sc["capabilities"]["drop"] == ["ALL"]
+        )
+    by_name = containers(d)
+    assert by_name["model-server"]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8081}
+    assert by_name["sidecar"]["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    # The pod fills the node the profile was measured on: 8 vCPUs less the node's reserve.
+    model_cpu = by_name["model-server"]["resources"]["requests"]["cpu"]
+    sidecar_cpu = by_name["sidecar"]["resources"]["requests"]["cpu"]
+    assert int(model_cpu[:-1]) + int(sidecar_cpu[:-1]) == 8000 - 500
+    assert "nvidia.com/gpu" not in by_name["model-server"]["resources"]["limits"]
+
+
+def test_the_init_container_fetches_builds_the_planned_variant_and_mounts_pvc_sources():
+    s = spec(model={"uri": "pvc://models/fraud.onnx", "sha256": "a" * 64, "evaluation": {"uri": "pvc://models/e.npz"}})
+    d = render_deployment(OWNER, s, plan(variant="int8-static"), CPU, BuildSettings())
+    fetch = containers(d)["fetch-model"]
+    args = fetch["command"]
+    assert args[:3] == ["python", "-m", "leanserve_serving.fetch"]
+    assert args[args.index("--variant") + 1] == "int8-static" and args[args.index("--sha256") + 1] == "a" * 64
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["pvc-models"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in fetch["volumeMounts"]
+
+
+def test_a_gpu_plan_tolerates_the_taint_requests_the_gpu_and_uses_the_gpu_image():
+    d = render_deployment(OWNER, spec(), plan("g4dn.xlarge", "fp16"), GPU, BuildSettings(gpu_image="gpu:1"))
+    pod = d["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    model = containers(d)["model-server"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1" and model["image"] == "gpu:1"
+    assert {"name": "LEANSERVE_PROVIDER", "value": "cuda"} in model["env"]
+
+
+def test_a_changed_batching_policy_rolls_the_pods():
+    a = render_deployment(OWNER, spec(), plan(batch=16), CPU, BuildSettings())
+    b = render_deployment(OWNER, spec(), plan(batch=32), CPU, BuildSettings())
+    key = "leanserve.dev/config-hash"
+    assert (
+        a["spec"]["template"]["metadata"]["annotations"][key] != b["spec"]["template"]["metadata"]["annotations"][key]
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "itype", "expected"),
+    [
+        ({}, "m5.2xlarge", (1, 5)),  # warm pool 1; peak 4 plus a quarter
+        ({"autoscaling": {"warmPool": 0}}, "g4dn.xlarge", (1, 5)),  # never 0 (and never 0 on GPU)
+        ({"autoscaling": {"warmPool": 3, "maxReplicas": 7}}, "m5.2xlarge", (3, 7)),
+        # $300/month buys 300 / (0.384 * 730) = 1.07 -> 1 m5.2xlarge all month, but never below the warm pool
+        ({"budget": {"maxMonthlyCost": 300}, "autoscaling": {"warmPool": 2}}, "m5.2xlarge", (2, 2)),
+        ({"budget": {"maxMonthlyCost": 1200}}, "m5.2xlarge", (1, 4)),
+    ],
+)
+def test_hpa_bounds_are_the_warm_pool_and_what_the_budget_allows(changes, itype, expected):
+    assert replica_bounds(spec(**changes), plan(itype), PRICES.get(itype)) == expected
+
+
+def test_hpa_scales_on_request_rate_when_custom_metrics_exist_else_on_cpu():
+    cpu = render_hpa(OWNER, spec(), plan(capacity=250), CPU, BuildSettings())["spec"]
+    assert cpu["metrics"][0]["resource"]["name"] == "cpu"
+    assert cpu["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert cpu["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    rps = render_hpa(OWNER, spec(), plan(capacity=250), CPU, BuildSettings(custom_metrics=True))["spec"]
+    assert rps["metrics"][0]["pods"]["metric"]["name"] == "leanserve_requests_per_second"
+    assert rps["metrics"][0]["pods"]["target"]["averageValue"] == "250000m"
+
+
+def test_redis_is_managed_unless_the_spec_names_one_or_turns_caching_off():
+    managed = sidecar_settings(OWNER, spec(), plan())
+    assert managed["redis_url"] == "redis://fraud-redis.team-a.svc:6379/0"
+    assert managed["max_batch_size"] == 16 and managed["max_wait_ms"] == 2.0
+    external = spec(cache={"redis": {"url": "rediss://cache.example.com:6380/2"}})
+    assert sidecar_settings(OWNER, external, plan())["redis_url"] == "rediss://cache.example.com:6380/2"
+    assert not any(o["metadata"]["name"].endswith("-redis") for o in render_all(OWNER, external, plan(), CPU,
+                                                                                  BuildSettings()))  # fmt: skip
+    off = spec(cache={"exact": {"enabled": False}})
+    assert sidecar_settings(OWNER, off, plan())["redis_url"] == ""
+    assert len(render_all(OWNER, off, plan(), CPU, BuildSettings())) == 5
+
+
+def test_the_sidecar_settings_are_a_valid_sidecar_config():
+    """What the ConfigMap carries is loadable by the sidecar's own config loader (no unknown keys)."""
+    from leanserve_serving.config import SidecarConfig, load_config
+
+    cm = next(o for o in render_all(OWNER, spec(), plan(), CPU, BuildSettings()) if o["kind"] == "ConfigMap")
+    settings = json.loads(cm["data"]["sidecar.json"])
+    config = load_config(SidecarConfig, settings, environ={})
+    assert config.max_batch_size == 16 and config.upstream == "http://127.0.0.1:8081" and config.exact_enabled
