@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import kopf
 
-    import leanserve.controller.handlers  # noqa: F401  (registers the handlers)
+    from leanserve.controller import handlers  # registers the handlers
+
+    handlers.CONNECTION_LIMIT += 2 * len(args.namespace)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip

@@ -18,11 +18,9 @@ from kubernetes.client.rest import ApiException
 
 from leanserve.api.resource import GROUP, PLURAL, VERSION
 from leanserve.controller import kube
-from leanserve.controller.builders import OWNER_LABEL
 from leanserve.controller.reconcile import OperatorSettings, reconcile, refresh_availability
 
 log = logging.getLogger("leanserve.operator")
-SERVING_LABELS = {"app.kubernetes.io/managed-by": "leanserve", "app.kubernetes.io/component": "serving"}
 
 
 def make_api_client() -> ApiClient:
@@ -41,6 +39,29 @@ def has_custom_metrics(api: ApiClient) -> bool:
         return True
     except ApiException:
         return False
+
+
+#: Connections kopf may open to the API server. kopf's default is unlimited, and with hundreds of objects
+#: in flight each connection's TLS buffers (256 KiB) add up to tens of MB; the CLI raises it by two per
+#: watched namespace (each namespace holds its own watch streams open).
+CONNECTION_LIMIT = 16
+
+
+@kopf.on.login()
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    """kopf's own kubeconfig / in-cluster login, with a bounded connection pool."""
+    import aiohttp
+
+    info = kopf.login_via_client(**kwargs)
+    if info is None:
+        return None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=CONNECTION_LIMIT, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),
+        auth=info.as_aiohttp_basic_auth(),
+    )
+    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
+                               expiration=info.expiration, aiohttp_session=session)  # fmt: skip
 
 
 @kopf.on.startup()
@@ -76,32 +97,36 @@ def deleted(name: str, namespace: str, **_: Any) -> None:
     log.info("event=deleted name=%s/%s", namespace, name)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=SERVING_LABELS)
-def serving_deployment_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Readiness of the serving Deployment -> the owner's replicas, Available condition and phase."""
-    meta = body.get("metadata", {})
-    owner = (meta.get("labels") or {}).get(OWNER_LABEL)
-    if not owner or "api" not in memo:
-        return
-    ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceDeployment",
-           "metadata": {"name": owner, "namespace": meta["namespace"]}}  # fmt: skip
-    infd = kube.get(memo.api, ref)
-    if infd is None:
-        return
-    refresh_availability(memo.api, infd, None if type == "DELETED" else _plain(body))
-
-
 def _deploying(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == "Deploying"
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=5, initial_delay=2, when=_deploying)
-def deploying(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """While Deploying, look at the serving Deployment every 5 s: its events may come before our status write."""
+def _serving(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in ("Ready", "Degraded")
+
+
+def _refresh(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
     ref = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": meta["name"],
                                                                        "namespace": meta["namespace"]}}  # fmt: skip
     refresh_availability(memo.api, _plain(body), kube.get(memo.api, ref))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=5, initial_delay=1, when=_deploying)
+def deploying(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """While Deploying, look at the serving Deployment every 5 s until its replicas are ready.
+
+    Polling one object by name, only while it matters, instead of watching every
+    Deployment in the cluster: a watch would hold every Deployment's events in
+    the operator's memory and need list/watch on all of them.
+    """
+    _refresh(body, memo)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=60, initial_delay=30, when=_serving)
+def serving(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Once serving, check the Deployment every minute: lost replicas show as Available False."""
+    _refresh(body, memo)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,16 @@ from leanserve.planner.status import candidate_rows, plan_status, savings_rows
 
 log = logging.getLogger("leanserve.operator")
 
+#: Rows of the ranked table kept in status (every InferenceDeployment's status is held by watchers: keep it small).
+STATUS_CANDIDATES = 20
 #: How long to wait before looking for profiles again when none are cached.
 PROFILE_RETRY_S = 60.0
+
+
+#: One plan at a time per process. Planning is CPU-bound numpy (parallel plans gain little on a few
+#: cores), each simulation holds tens of MB while it runs, and a plan waiting here usually finds the
+#: configurations it needs already simulated by the one before (the planner remembers them).
+_PLANNING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,8 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
     key = profile_store.model_key(spec.model)
     profiles, broken = profile_store.load(api, owner.namespace, key, settings.image_version)
     start = time.perf_counter()
-    result = plan_deployment(spec, profiles, settings.prices, settings.plan_options)
+    with _PLANNING:
+        result = plan_deployment(spec, profiles, settings.prices, settings.plan_options)
     plan_seconds = time.perf_counter() - start
     serving = kube.get(api, {"apiVersion": "apps/v1", "kind": "Deployment",
                              "metadata": {"name": owner.name, "namespace": owner.namespace}})  # fmt: skip
@@ -180,7 +190,7 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
         "observedGeneration": generation,
         "replicas": ready,
         "plan": plan_doc,
-        "candidates": [r.to_api() for r in candidate_rows(result)],
+        "candidates": [r.to_api() for r in candidate_rows(result, STATUS_CANDIDATES)],
         "savings": [s.to_api() for s in savings_rows(result)],
         "conditions": merge(conditions, conds, generation),
     }
@@ -229,7 +239,7 @@ def _unplanned(body: dict[str, Any], spec: InferenceDeploymentSpec, result: Plan
     if not deployed:
         conds.append(Cond("Deployed", "False", "NotPlanned", "waiting for a plan"))
     status = {**current, "phase": phase, "observedGeneration": generation,
-              "candidates": [r.to_api() for r in candidate_rows(result)],
+              "candidates": [r.to_api() for r in candidate_rows(result, STATUS_CANDIDATES)],
               "conditions": merge(current.get("conditions") or [], conds, generation)}  # fmt: skip
     if not deployed:
         status.pop("plan", None)
