@@ -69,7 +69,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="leanserve.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="leanserve.dev")
     settings.posting.level = logging.WARNING  # our own Events mark transitions; kopf's add noise
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 4  # API calls overlap; planning is serialised anyway
     settings.watching.server_timeout = 270
     if "api" not in memo:
         memo.api = make_api_client()
@@ -85,6 +85,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Plan and apply; retry later without profiles; stop retrying on a spec that cannot be parsed."""
     outcome = reconcile(memo.api, _plain(body), memo.settings)
+    _release_freed_memory()
     if outcome.permanent:
         raise kopf.PermanentError(outcome.permanent)
     if outcome.retry_after_s is not None:
@@ -110,6 +111,7 @@ def _refresh(body: kopf.Body, memo: kopf.Memo) -> None:
     ref = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": meta["name"],
                                                                        "namespace": meta["namespace"]}}  # fmt: skip
     refresh_availability(memo.api, _plain(body), kube.get(memo.api, ref))
+    _release_freed_memory()
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=5, initial_delay=1, when=_deploying)
@@ -127,6 +129,26 @@ def deploying(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def serving(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Once serving, check the Deployment every minute: lost replicas show as Available False."""
     _refresh(body, memo)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise: a burst of plans would stay resident)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
