@@ -1,7 +1,7 @@
-"""What runs inside the serving pods: model server, batching sidecar, cache, bench.
+"""What runs inside the serving pods: model server, batching sidecar, caches, the fetch init step, bench.
 
-Only the package exists so far; the serving issue fills it. It imports nothing
-from the operator side, so the serving image stays small.
+It imports nothing from the operator side, so the serving image stays small;
+the operator imports its Profile model (pydantic only).
 """
 
 __version__ = "0.1.0"

@@ -86,7 +86,7 @@ def sha256_of(path: Path) -> str:
 def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = None, model_format: str = "onnx",
             evaluation: str | None = None, gpu: bool = False) -> Path:  # fmt: skip
     """Fetch, verify and convert the model; write the variant to ``out``. Returns ``out``."""
-    from leanserve_serving.bench.evaldata import load_eval_data, read_npz
+    from leanserve_serving.bench.evaldata import EvalDataError, load_eval_data, read_npz
     from leanserve_serving.bench.variants import build_variants
 
     with tempfile.TemporaryDirectory(prefix="leanserve-fetch-", dir=out.parent) as tmp:
@@ -99,11 +99,14 @@ def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = Non
         if evaluation is not None and (model_format == "pytorch" or variant == "int8-static"):
             data_path = fetch(evaluation, work / ("evaluation" + Path(urlsplit(evaluation).path).suffix))
         if model_format == "pytorch":
-            from leanserve_serving.bench.pytorch import export_to_onnx
+            from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 
             if evaluation is None:
                 raise FetchError("exporting a PyTorch model needs model.evaluation (.npz example inputs)")
-            model = export_to_onnx(model, read_npz(data_path).inputs, work / "exported.onnx")
+            try:
+                model = export_to_onnx(model, read_npz(data_path).inputs, work / "exported.onnx")
+            except (PyTorchModelError, EvalDataError) as exc:
+                raise FetchError(str(exc)) from None
         if variant == "int8-static":
             if evaluation is None:
                 raise FetchError("int8-static needs model.evaluation to calibrate on")
@@ -112,7 +115,10 @@ def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = Non
             from leanserve_serving.model_server import spec_of
 
             session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-            data = load_eval_data(data_path, [spec_of(i) for i in session.get_inputs()], "cosine")
+            try:
+                data = load_eval_data(data_path, [spec_of(i) for i in session.get_inputs()], "cosine")
+            except EvalDataError as exc:
+                raise FetchError(f"{evaluation}: {exc}") from None
             del session
         (built,) = build_variants(model, data, work, gpu, [variant])  # type: ignore[arg-type]
         if built.status != "ok" or built.path is None:

@@ -262,6 +262,8 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
                 "name": "fetch-model",
                 "image": image,
                 "command": fetch_args,
+                # Quantization writes model-sized temporary files: on the models emptyDir, not the small /tmp.
+                "env": [{"name": "TMPDIR", "value": "/models"}],
                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
                 "securityContext": CONTAINER_SECURITY,
                 "volumeMounts": fetch_mounts,
