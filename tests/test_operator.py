@@ -257,6 +257,20 @@ def test_a_traffic_change_replans_without_touching_unrelated_fields(kube, operat
         assert versions(after)[unchanged] == versions(before)[unchanged], unchanged
 
 
+def test_turning_the_cache_off_removes_the_managed_redis(kube, operator, ns):
+    create(kube, ns, doc("nocache"))
+    wait_phase(kube, ns, "nocache", "Ready")
+    assert "Deployment/nocache-redis" in owned(kube, ns, "nocache")
+    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "nocache",
+                                                {"spec": {"cache": {"exact": {"enabled": False}}}})  # fmt: skip
+    wait_phase(kube, ns, "nocache", "Ready", generation=2)
+    remaining = wait_for("the managed Redis gone", lambda: (lambda o: "Deployment/nocache-redis" not in o and o)(
+        owned(kube, ns, "nocache")), timeout=30)  # fmt: skip
+    assert "Service/nocache-redis" not in remaining and "Deployment/nocache" in remaining
+    config = json.loads(remaining["ConfigMap/nocache-sidecar"]["data"]["sidecar.json"])
+    assert config["redis_url"] == ""
+
+
 def test_reconciling_an_unchanged_spec_writes_nothing(kube, operator, ns):
     create(kube, ns, doc("steady"))
     wait_phase(kube, ns, "steady", "Ready")
@@ -297,9 +311,9 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
     assert access(kube, "patch", "deployments", "apps") and access(
         kube, "patch", "inferencedeployments", "leanserve.dev", subresource="status"
     )
-    # No broader: no secrets, no exec, no deletes (owner references do that), no RBAC, no nodes.
+    # No broader: no secrets, no pods or exec, no deleting what it does not prune, no RBAC, no nodes.
     forbidden = [("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""),
-                 ("delete", "deployments", "apps"),
+                 ("delete", "configmaps", ""), ("delete", "horizontalpodautoscalers", "autoscaling"),
                  ("create", "pods/exec", ""), ("create", "clusterrolebindings", "rbac.authorization.k8s.io"),
                  ("escalate", "clusterroles", "rbac.authorization.k8s.io"), ("patch", "nodes", ""),
                  ("delete", "inferencedeployments", "leanserve.dev"), ("update", "customresourcedefinitions",
@@ -314,7 +328,8 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
     (role,) = [d for d in render_chart(helm) if d["kind"] == "ClusterRole"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-        assert "secrets" not in rule["resources"] and "delete" not in rule["verbs"], rule
+        assert "secrets" not in rule["resources"], rule
+        assert "delete" not in rule["verbs"] or set(rule["resources"]) <= {"deployments", "services"}, rule
     binding = next(d for d in render_chart(helm) if d["kind"] == "ClusterRoleBinding")
     assert binding["roleRef"]["name"] != "cluster-admin"
 

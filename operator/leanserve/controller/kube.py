@@ -101,6 +101,24 @@ def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any])
     return True
 
 
+def delete_owned(api: ApiClient, obj: dict[str, Any], owner_uid: str) -> bool:
+    """Delete ``obj`` if it exists and ``owner_uid`` controls it (never someone else's object); True if deleted."""
+    current = get(api, obj)
+    refs = (current or {}).get("metadata", {}).get("ownerReferences") or []
+    if not any(r.get("uid") == owner_uid and r.get("controller") for r in refs):
+        return False
+    uid = current["metadata"]["uid"]  # type: ignore[index]
+    try:  # the precondition makes sure it is the object just read, not a new one of the same name
+        request(
+            api, "DELETE", object_path(obj), body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"}
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+        return False
+    return True
+
+
 def list_objects(api: ApiClient, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
     answer = request(api, "GET", collection_path(api_version, kind, namespace), query={"labelSelector": label_selector})
     return answer.get("items", [])

@@ -172,6 +172,10 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
         outcome.applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
         if manifest["kind"] == "Deployment" and manifest["metadata"]["name"] == owner.name:
             serving = applied
+    if not builders.wants_managed_redis(spec):  # the one part a changed spec can drop: stop paying for it
+        for stale in builders.render_redis(owner, spec, settings.build):
+            if kube.delete_owned(api, stale, owner.uid):
+                outcome.applied.append(f"deleted {stale['kind']}/{stale['metadata']['name']}")
     ready, available = availability(serving)
     plan = plan_status(result, high)
     assert plan is not None
