@@ -118,3 +118,25 @@ def namespace(kube: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     core.create_namespace({"metadata": {"name": name, "labels": {"leanserve.dev/test": "true"}}})
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    """The helm binary built with the control plane."""
+    return controlplane.ControlPlane().build() / "helm"
+
+
+@pytest.fixture(scope="module")
+def operator(kube: Any, control_plane: controlplane.ControlPlane, helm: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # fmt: skip
+    """The real operator (``leanserve operator``) in a subprocess, authenticated as the chart's ServiceAccount."""
+    from tests.operator_harness import OperatorProcess, install_rbac, service_account_kubeconfig
+
+    install_rbac(kube, helm)
+    work = tmp_path_factory.mktemp("operator")
+    proc = OperatorProcess(service_account_kubeconfig(kube, control_plane.kubeconfig, work / "kubeconfig"),
+                           work / "operator.log")  # fmt: skip
+    proc.start()
+    yield proc
+    proc.stop()
+    print(proc.text()[-3000:])

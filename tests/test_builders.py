@@ -165,3 +165,24 @@ def test_the_sidecar_settings_are_a_valid_sidecar_config():
     settings = json.loads(cm["data"]["sidecar.json"])
     config = load_config(SidecarConfig, settings, environ={})
     assert config.max_batch_size == 16 and config.upstream == "http://127.0.0.1:8081" and config.exact_enabled
+
+
+def test_a_profiling_job_is_named_once_per_type_and_sized_like_the_serving_pod():
+    from leanserve.controller.builders import render_profiling_job
+
+    job = render_profiling_job(OWNER, spec(), GPU, BuildSettings(gpu_image="gpu:1"), "k" * 40)
+    assert job["metadata"]["name"] == "fraud-bench-g4dn-xlarge"
+    assert job["metadata"]["labels"]["leanserve.dev/instance-type"] == "g4dn.xlarge"
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == {
+        "node.kubernetes.io/instance-type": "g4dn.xlarge"
+    }
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (bench,) = pod["containers"]
+    serving = containers(render_deployment(OWNER, spec(), plan("g4dn.xlarge", "fp16"), GPU, BuildSettings()))
+    assert bench["resources"] == serving["model-server"]["resources"], "benched with what the model server gets"
+    assert bench["image"] == "gpu:1" and bench["terminationMessagePolicy"] == "File"
+    assert bench["command"][:3] == ["python", "-m", "leanserve_serving.bench_job"]
+    with pytest.raises(ValueError, match="needs model"):
+        render_profiling_job(OWNER, spec(model={"uri": "https://m.example.com/m.onnx"}), CPU, BuildSettings(), "k")

@@ -74,3 +74,18 @@ def test_pvc_and_configmap_uris_map_to_their_mounts_and_never_escape_them(tmp_pa
     assert local_path("https://example.com/m.onnx") is None
     with pytest.raises(FetchError, match=r"without '\.\.'"):
         local_path("pvc://models/../../etc/passwd")
+
+
+def test_the_bench_job_writes_its_profile_or_its_failure_to_the_termination_message(tabular, server, tmp_path):
+    from leanserve_serving.bench_job import main as bench_main
+    from leanserve_serving.profile import Profile
+
+    log = tmp_path / "termination-log"
+    args = ["--uri", f"{server}/{tabular.model.name}", "--evaluation", f"{server}/{tabular.evaluation.name}",
+            "--instance-type", "m5.2xlarge", "--seconds-per-point", "0.01", "--max-batch", "8",
+            "--termination-log", str(log)]  # fmt: skip
+    assert bench_main(args) == 0
+    profile = Profile.from_compact(log.read_text())
+    assert profile.instance_type == "m5.2xlarge" and len(log.read_bytes()) <= 4096
+    assert bench_main([*args[:1], f"{server}/missing.onnx", *args[2:]]) == 1
+    assert log.read_text().startswith("bench failed: ") and "404" in log.read_text()

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,13 +22,10 @@ from leanserve.api.spec import ModelSpec
 from leanserve.controller import profile_store
 from leanserve.controller.builders import OWNER_LABEL
 from leanserve.controller.reconcile import OperatorSettings, reconcile
-from tests.conftest import REPO, controlplane, install_crd
+from tests.conftest import REPO, install_crd
 from tests.operator_harness import (
     OPERATOR_NAMESPACE,
     SERVICE_ACCOUNT,
-    OperatorProcess,
-    install_rbac,
-    service_account_kubeconfig,
 )
 from tests.stand_in_profiles import stand_in_profiles
 from tests.test_cluster_api import wait_for
@@ -56,25 +51,6 @@ def doc(name: str, **changes: Any) -> dict[str, Any]:
     spec.update(changes)
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceDeployment", "metadata": {"name": name},
             "spec": spec}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    return controlplane.ControlPlane().build() / "helm"
-
-
-@pytest.fixture(scope="module")
-def operator(kube: Any, control_plane: Any, helm: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[OperatorProcess]:  # fmt: skip
-    """The operator process, as the chart's ServiceAccount."""
-    install_rbac(kube, helm)
-    work = tmp_path_factory.mktemp("operator")
-    kubeconfig = service_account_kubeconfig(kube, control_plane.kubeconfig, work / "kubeconfig")
-    proc = OperatorProcess(kubeconfig, work / "operator.log")
-    proc.start()
-    yield proc
-    proc.stop()
-    print(proc.text()[-3000:])
 
 
 @pytest.fixture
@@ -220,12 +196,13 @@ def test_an_unsatisfiable_spec_gets_a_condition_and_no_objects(kube, operator, n
     assert "NoFeasiblePlan" in wait_for("a warning event", lambda: events(kube, ns, "broke"))
 
 
-def test_without_profiles_it_waits_with_the_reason(kube, operator, namespace):
-    create(kube, namespace, doc("nothing"))
-    obj = wait_phase(kube, namespace, "nothing", "Pending")
+def test_without_evaluation_data_nothing_can_be_profiled_and_it_says_so(kube, operator, namespace):
+    create(kube, namespace, doc("blind", model={"uri": "https://models.example.com/other.onnx"}))
+    obj = wait_phase(kube, namespace, "blind", "Failed")
     planned = condition(obj, "Planned")
-    assert planned["reason"] == "NoProfiles" and "no profile of this model is cached" in planned["message"]
-    assert owned(kube, namespace, "nothing") == {}
+    assert planned["reason"] == "NoCandidateAvailable" and "profiling needs model.evaluation" in planned["message"]
+    assert {r["state"] for r in obj["status"]["profiling"]} == {"Failed"}
+    assert owned(kube, namespace, "blind") == {}
 
 
 # ---- change, no change, delete ----------------------------------------------------------------------
@@ -314,6 +291,7 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
     # No broader: no secrets, no pods or exec, no deleting what it does not prune, no RBAC, no nodes.
     forbidden = [("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""),
                  ("delete", "configmaps", ""), ("delete", "horizontalpodautoscalers", "autoscaling"),
+                 ("delete", "jobs", "batch"), ("get", "pods", ""),
                  ("create", "pods/exec", ""), ("create", "clusterrolebindings", "rbac.authorization.k8s.io"),
                  ("escalate", "clusterroles", "rbac.authorization.k8s.io"), ("patch", "nodes", ""),
                  ("delete", "inferencedeployments", "leanserve.dev"), ("update", "customresourcedefinitions",

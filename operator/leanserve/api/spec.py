@@ -297,6 +297,16 @@ class AutoscalingSpec(ApiModel):
     """How long load must stay low before replicas are removed."""
 
 
+class ProfilingSpec(ApiModel):
+    """How candidate instance types are measured: one profiling Job per type whose profile is not cached."""
+
+    unschedulable_timeout_seconds: int = Field(default=600, ge=10, le=86_400)
+    """How long a profiling pod may stay unschedulable before its instance type is marked unavailable
+    (no such node pool, no free GPU) and the plan goes ahead without it."""
+    retries: int = Field(default=2, ge=0, le=10)
+    """Retries of a failed bench (the Job's backoffLimit; Kubernetes backs off exponentially)."""
+
+
 class ResourceOverrides(ApiModel):
     """Container resources, overriding what the planner sizes."""
 
@@ -354,4 +364,5 @@ class InferenceDeploymentSpec(ApiModel):
     batching: BatchingSpec = defaulted(BatchingSpec)
     cache: CacheSpec = defaulted(CacheSpec)
     autoscaling: AutoscalingSpec = defaulted(AutoscalingSpec)
+    profiling: ProfilingSpec = defaulted(ProfilingSpec)
     serving: ServingSpec = defaulted(ServingSpec)

@@ -109,6 +109,17 @@ class ObservedStatus(ApiModel):
     updated_at: datetime | None = None
 
 
+class ProfilingRow(ApiModel):
+    """Where the measurement of one candidate instance type stands."""
+
+    instance_type: str
+    state: Literal["Cached", "Pending", "Running", "Done", "Failed", "Unschedulable"]
+    """Cached: measured before; Pending/Running: its Job is waiting or benching; Done: measured now;
+    Failed: the bench failed after its retries; Unschedulable: no node could take it in time."""
+    job: str | None = None
+    reason: str = ""
+
+
 class InferenceDeploymentStatus(ApiModel):
     """Where the deployment stands and how the operator got there."""
 
@@ -123,4 +134,6 @@ class InferenceDeploymentStatus(ApiModel):
     plan: PlanStatus | None = None
     candidates: list[CandidateRow] = Field(default_factory=list)
     savings: list[SavingsStep] = Field(default_factory=list)
+    profiling: list[ProfilingRow] = Field(default_factory=list)
+    """One row per candidate instance type: measured, being measured, failed or unschedulable."""
     observed: ObservedStatus | None = None

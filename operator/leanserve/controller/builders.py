@@ -63,7 +63,9 @@ class Owner:
 def labels(owner: Owner, component: str) -> dict[str, str]:
     """The standard labels, plus the owner's name (what the reconciler selects on)."""
     return {
-        "app.kubernetes.io/name": "leanserve-serving" if component == "serving" else "leanserve-redis",
+        "app.kubernetes.io/name": {"serving": "leanserve-serving", "cache": "leanserve-redis"}.get(
+            component, f"leanserve-{component}"
+        ),
         "app.kubernetes.io/instance": owner.name,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "leanserve",
@@ -146,7 +148,7 @@ def render_config(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate) 
     }
 
 
-def pod_resources(spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
+def pod_resources(spec: InferenceDeploymentSpec, itype: InstanceType,
                   rss_mb: float | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """(model server, sidecar) resources: one pod fills its node, as the bench measured the model.
 
@@ -218,7 +220,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
     """
     gpu = itype.is_gpu
     image = (spec.serving.gpu_image or settings.gpu_image) if gpu else (spec.serving.image or settings.image)
-    model_res, sidecar_res = pod_resources(spec, plan, itype, rss_mb)
+    model_res, sidecar_res = pod_resources(spec, itype, rss_mb)
     fetch_args = ["python", "-m", "leanserve_serving.fetch", "--uri", spec.model.uri, "--out", "/models/model.onnx",
                   "--variant", plan.variant, "--format", spec.model.format]  # fmt: skip
     if spec.model.sha256:
@@ -452,6 +454,70 @@ def render_redis(owner: Owner, spec: InferenceDeploymentSpec, settings: BuildSet
                  "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
     }  # fmt: skip
     return [deployment, service]
+
+
+#: How long a finished profiling Job stays (its result is in the profile cache by then).
+PROFILING_TTL_SECONDS = 3600
+
+
+def profiling_job_name(owner: Owner, instance_type: str) -> str:
+    """Deterministic: a restarted operator finds the Job it created instead of making another."""
+    return f"{owner.name}-bench-{instance_type.replace('.', '-')}"[:63].rstrip("-")
+
+
+def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSettings,
+                         model_key: str) -> dict[str, Any]:  # fmt: skip
+    """A Job that benches the spec's model on one instance type and reports the profile in its termination message.
+
+    Its pod takes what a serving pod will take on that node (the bench's threads
+    follow the container's CPU limit, as the model server's do), so the profile
+    measures what the plan will run.
+    """
+    if spec.model.evaluation is None:
+        raise ValueError("profiling needs model.evaluation")
+    gpu = itype.is_gpu
+    image = (spec.serving.gpu_image or settings.gpu_image) if gpu else (spec.serving.image or settings.image)
+    model_res, _ = pod_resources(spec, itype, None)
+    args = ["python", "-m", "leanserve_serving.bench_job", "--uri", spec.model.uri, "--evaluation",
+            spec.model.evaluation.uri, "--metric", spec.model.evaluation.metric, "--instance-type", itype.name,
+            "--format", spec.model.format]  # fmt: skip
+    if spec.model.sha256:
+        args += ["--sha256", spec.model.sha256]
+    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
+    mounts = [{"name": "work", "mountPath": "/work"}]
+    for uri in (spec.model.uri, spec.model.evaluation.uri):
+        extra = _source_volume(uri)
+        if extra and extra[0]["name"] not in {v["name"] for v in volumes}:
+            volumes.append(extra[0])
+            mounts.append(extra[1])
+    meta = _metadata(owner, profiling_job_name(owner, itype.name), "profiling")
+    meta["labels"].update({"leanserve.dev/model-key": model_key, "leanserve.dev/instance-type": itype.name})
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
+                            "fsGroup": SERVING_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
+        "containers": [{
+            "name": "bench", "image": image, "command": args, "env": [{"name": "TMPDIR", "value": "/work"}],
+            "resources": model_res, "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts,
+            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+        }],
+        "volumes": volumes,
+    }  # fmt: skip
+    if gpu:
+        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": spec.profiling.retries,
+            "ttlSecondsAfterFinished": PROFILING_TTL_SECONDS,
+            "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
+        },
+    }
 
 
 def render_all(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,

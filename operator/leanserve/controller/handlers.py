@@ -89,7 +89,7 @@ def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if outcome.permanent:
         raise kopf.PermanentError(outcome.permanent)
     if outcome.retry_after_s is not None:
-        raise kopf.TemporaryError("waiting for profiles", delay=outcome.retry_after_s)
+        raise kopf.TemporaryError(outcome.retry_reason or "not yet", delay=outcome.retry_after_s)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from leanserve import __version__
 from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.api.validation import errors_from_validation
-from leanserve.controller import builders, kube, profile_store
+from leanserve.controller import builders, kube, profile_store, profiling
 from leanserve.controller.builders import BuildSettings, Owner
 from leanserve.controller.conditions import Cond, merge, same_status, transitions
 from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment
@@ -34,6 +34,10 @@ log = logging.getLogger("leanserve.operator")
 
 #: Rows of the ranked table kept in status (every InferenceDeployment's status is held by watchers: keep it small).
 STATUS_CANDIDATES = 20
+#: How often a reconcile looks at the profiling Jobs while some are running.
+PROFILING_POLL_S = 10.0
+#: When no candidate could be measured (no node pool fits, every bench failed): look again this much later.
+NO_CANDIDATE_RETRY_S = 300.0
 #: How long to wait before looking for profiles again when none are cached.
 PROFILE_RETRY_S = 60.0
 
@@ -79,7 +83,8 @@ class Outcome:
     """kind/name of every object applied."""
     status_written: bool = False
     retry_after_s: float | None = None
-    """Try again later (no profiles yet)."""
+    """Try again later (no profiles yet, profiling under way)."""
+    retry_reason: str = ""
     permanent: str | None = None
     """Never with this spec (invalid spec); a new generation is needed."""
     plan_seconds: float = 0.0
@@ -145,14 +150,22 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
     owner = _owner(body)
     key = profile_store.model_key(spec.model)
     profiles, broken = profile_store.load(api, owner.namespace, key, settings.image_version)
-    start = time.perf_counter()
-    with _PLANNING:
-        result = plan_deployment(spec, profiles, settings.prices, settings.plan_options)
-    plan_seconds = time.perf_counter() - start
+    measuring = profiling.ensure_profiles(api, owner, spec, settings.prices, settings.build, key, profiles,
+                                          settings.image_version)  # fmt: skip
+    profiles = profiles + measuring.measured
     serving = kube.get(api, {"apiVersion": "apps/v1", "kind": "Deployment",
                              "metadata": {"name": owner.name, "namespace": owner.namespace}})  # fmt: skip
+    if measuring.pending:
+        outcome = _profiling(body, measuring, generation)
+        _write(api, body, outcome.status, outcome)
+        return outcome
+    options = replace(settings.plan_options, unavailable={**settings.plan_options.unavailable, **measuring.unavailable})
+    start = time.perf_counter()
+    with _PLANNING:
+        result = plan_deployment(spec, profiles, settings.prices, options)
+    plan_seconds = time.perf_counter() - start
     if result.winner is None:
-        outcome = _unplanned(body, spec, result, profiles, broken, serving is not None, generation)
+        outcome = _unplanned(body, spec, result, profiles, broken, serving is not None, generation, measuring)
         outcome.plan_seconds = plan_seconds
         _write(api, body, outcome.status, outcome)
         return outcome
@@ -186,7 +199,8 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
     label = winner.label()
     planned = Cond("Planned", "True", "Planned",
                    f"{label}: ${winner.cost_per_million:.4f}/1M requests, predicted p{spec.sla.latency.percentile:g} "
-                   f"{winner.latency_ms:.1f} ms at {winner.capacity_rps:.0f} req/s per replica")  # fmt: skip
+                   f"{winner.latency_ms:.1f} ms at {winner.capacity_rps:.0f} req/s per replica"
+                   + _skipped(measuring))  # fmt: skip
     deployed = Cond("Deployed", "True", "Applied", f"{len(manifests)} objects applied: " + ", ".join(outcome.applied))
     conds = [planned, deployed, available, _budget_condition(spec, result)]
     status = {
@@ -196,6 +210,7 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
         "plan": plan_doc,
         "candidates": [r.to_api() for r in candidate_rows(result, STATUS_CANDIDATES)],
         "savings": [s.to_api() for s in savings_rows(result)],
+        "profiling": measuring.rows,
         "conditions": merge(conditions, conds, generation),
     }
     if current.get("observed"):
@@ -224,12 +239,37 @@ def _budget_condition(spec: InferenceDeploymentSpec, result: PlanResult) -> Cond
     return Cond("WithinBudget", "True", "PlanWithinBudget", "predicted " + ", ".join(limits))
 
 
+def _skipped(measuring: profiling.ProfilingState) -> str:
+    if not measuring.unavailable:
+        return ""
+    return "; left out: " + "; ".join(f"{t}: {r}" for t, r in sorted(measuring.unavailable.items()))
+
+
+def _profiling(body: dict[str, Any], measuring: profiling.ProfilingState, generation: int | None) -> Outcome:
+    """Status while candidates are being measured: phase Profiling, what is done, pending and failed."""
+    current = body.get("status") or {}
+    by_state: dict[str, list[str]] = {}
+    for row in measuring.rows:
+        by_state.setdefault(row["state"], []).append(row["instanceType"])
+    summary = "; ".join(f"{state.lower()}: {', '.join(types)}" for state, types in sorted(by_state.items()))
+    planned = Cond("Planned", "False", "Profiling", f"measuring candidate instance types ({summary})")
+    status = {**current, "phase": "Profiling", "observedGeneration": generation, "profiling": measuring.rows,
+              "conditions": merge(current.get("conditions") or [], [planned], generation)}  # fmt: skip
+    return Outcome(status, retry_after_s=PROFILING_POLL_S, retry_reason=f"profiling ({summary})")
+
+
 def _unplanned(body: dict[str, Any], spec: InferenceDeploymentSpec, result: PlanResult, profiles: list[Any],
-               broken: list[str], deployed: bool, generation: int | None) -> Outcome:  # fmt: skip
+               broken: list[str], deployed: bool, generation: int | None,
+               measuring: profiling.ProfilingState) -> Outcome:  # fmt: skip
     """Status for a spec that gets no plan: nothing new is applied; a running earlier plan keeps serving."""
     current = body.get("status") or {}
     keeps = " The previously deployed plan keeps serving." if deployed else " Nothing was deployed."
-    if not profiles:
+    if not profiles and measuring.unavailable:
+        reasons = "; ".join(f"{t}: {r}" for t, r in sorted(measuring.unavailable.items()))
+        planned = Cond("Planned", "False", "NoCandidateAvailable",
+                       f"no candidate instance type could be measured: {reasons}.{keeps}")  # fmt: skip
+        phase, retry = "Failed", NO_CANDIDATE_RETRY_S
+    elif not profiles:
         wanted = ", ".join(spec.candidates) or "every type in the price table"
         note = f" (unreadable profile ConfigMaps: {', '.join(broken)})" if broken else ""
         planned = Cond("Planned", "False", "NoProfiles",
@@ -242,13 +282,13 @@ def _unplanned(body: dict[str, Any], spec: InferenceDeploymentSpec, result: Plan
     conds = [planned, _budget_condition(spec, result)]
     if not deployed:
         conds.append(Cond("Deployed", "False", "NotPlanned", "waiting for a plan"))
-    status = {**current, "phase": phase, "observedGeneration": generation,
+    status = {**current, "phase": phase, "observedGeneration": generation, "profiling": measuring.rows,
               "candidates": [r.to_api() for r in candidate_rows(result, STATUS_CANDIDATES)],
               "conditions": merge(current.get("conditions") or [], conds, generation)}  # fmt: skip
     if not deployed:
         status.pop("plan", None)
         status["savings"] = []
-    return Outcome(status, retry_after_s=retry)
+    return Outcome(status, retry_after_s=retry, retry_reason=planned.message)
 
 
 def refresh_availability(api: ApiClient, body: dict[str, Any], deployment: dict[str, Any] | None) -> bool:

@@ -42,7 +42,8 @@ class PlanOptions:
     observed_hit_rate: float | None = None
     """Replaces the spec's expected cache hit rate once one is observed."""
     unavailable: dict[str, str] = field(default_factory=dict)
-    """Instance types that cannot be scheduled, with the scheduler's reason."""
+    """Instance types to leave out, with why: the scheduler's reason (read as unschedulable) or a reason
+    starting "profiling failed"."""
     requests: int = 3000
 
 
@@ -177,7 +178,9 @@ def plan_deployment(
             rejected.append(replace(stub, reason="not in the price table"))
             continue
         if name in options.unavailable:
-            rejected.append(replace(stub, reason=f"unschedulable: {options.unavailable[name]}"))
+            why = options.unavailable[name]
+            why = why if why.startswith(("unschedulable", "profiling failed")) else f"unschedulable: {why}"
+            rejected.append(replace(stub, reason=why))
             continue
         if profile is None:
             rejected.append(replace(stub, reason="no profile measured on this type"))

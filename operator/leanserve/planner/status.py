@@ -27,7 +27,8 @@ def plan_status(result: PlanResult, max_replicas: int | None = None) -> PlanStat
 
 
 def candidate_rows(result: PlanResult, limit: int = 50) -> list[CandidateRow]:
-    """The ranked table (the first ``limit`` rows: status objects have a size limit)."""
+    """The ranked table: the first ``limit`` rows (status objects have a size limit), plus the best row of
+    every instance type not among them, so that each type considered shows why it lost."""
 
     def row(rank: int, c: Candidate) -> CandidateRow:
         batching = c.policy.max_batch > 1
@@ -43,7 +44,14 @@ def candidate_rows(result: PlanResult, limit: int = 50) -> list[CandidateRow]:
             accuracy_drop=_round(c.quality_drop), reason=c.reason,
         )  # fmt: skip
 
-    return [row(i + 1, c) for i, c in enumerate(result.candidates[:limit])]
+    ranked = list(enumerate(result.candidates, start=1))
+    shown = ranked[:limit]
+    types = {c.instance_type for _, c in shown}
+    for rank, c in ranked[limit:]:  # every instance type keeps its best row: a lost type says why it lost
+        if c.instance_type not in types:
+            shown.append((rank, c))
+            types.add(c.instance_type)
+    return [row(rank, c) for rank, c in shown]
 
 
 def savings_rows(result: PlanResult) -> list[SavingsRow]:

@@ -1,0 +1,73 @@
+"""The profiling Job's container: fetch the model and its evaluation data, bench them here, report.
+
+    python -m leanserve_serving.bench_job --uri URI --evaluation URI --instance-type TYPE \
+        [--metric accuracy] [--sha256 HEX] [--format onnx|pytorch] [--termination-log PATH]
+
+The operator creates one such Job per candidate instance type. The compact
+profile (at most 4 KiB) goes to the container's termination message, where the
+operator reads it from the pod's status; a failure writes ``bench failed: ...``
+there instead and exits 1 (the Job's backoff retries it, then the reason reaches
+the candidate's row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from leanserve_serving.fetch import FetchError, fetch, sha256_of
+
+FAILED_PREFIX = "bench failed: "
+
+
+def run(args: argparse.Namespace) -> str:
+    """The compact profile, or raises with a reason a user can act on."""
+    from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
+
+    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
+        work = Path(tmp)
+        suffix = ".pt" if args.model_format == "pytorch" else ".onnx"
+        model = fetch(args.uri, work / f"model{suffix}")
+        if args.sha256 and sha256_of(model) != args.sha256.lower():
+            raise FetchError(f"{args.uri}: sha256 {sha256_of(model)} does not match spec.model.sha256")
+        evaluation = fetch(args.evaluation, work / ("evaluation" + Path(urlsplit(args.evaluation).path).suffix))
+        try:
+            options = BenchOptions(model, evaluation, instance_type=args.instance_type, metric=args.metric,
+                                   seconds_per_point=args.seconds_per_point, max_batch=args.max_batch)  # fmt: skip
+            profile = run_bench(options, progress=lambda m: print(m, flush=True))
+        except BenchError as exc:
+            raise FetchError(str(exc)) from None
+    return profile.to_compact()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m leanserve_serving.bench_job", description=__doc__.split("\n")[0])
+    parser.add_argument("--uri", required=True)
+    parser.add_argument("--evaluation", required=True)
+    parser.add_argument("--instance-type", required=True)
+    parser.add_argument("--metric", default="accuracy", choices=["accuracy", "top1", "mse", "cosine"])
+    parser.add_argument("--sha256", default=None)
+    parser.add_argument("--format", dest="model_format", default="onnx", choices=["onnx", "pytorch"])
+    parser.add_argument("--seconds-per-point", type=float, default=0.3, help="timing per batch size (default 0.3)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch size tried (default 1024)")
+    parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
+    args = parser.parse_args(argv)
+    try:
+        message, code = run(args), 0
+    except (FetchError, OSError, ValueError) as exc:
+        message, code = FAILED_PREFIX + str(exc)[:3000], 1
+        print(message, file=sys.stderr)
+    try:
+        args.termination_log.write_text(message)
+    except OSError as exc:
+        print(f"could not write {args.termination_log}: {exc}", file=sys.stderr)
+    if code == 0:
+        print(f"profile written to {args.termination_log} ({len(message)} bytes)")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
