@@ -16,9 +16,8 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from leanserve_serving.fetch import FetchError, fetch, sha256_of
+from leanserve_serving.fetch import FetchError, fetch_evaluation, fetch_model
 
 FAILED_PREFIX = "bench failed: "
 
@@ -29,11 +28,8 @@ def run(args: argparse.Namespace) -> str:
 
     with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
         work = Path(tmp)
-        suffix = ".pt" if args.model_format == "pytorch" else ".onnx"
-        model = fetch(args.uri, work / f"model{suffix}")
-        if args.sha256 and sha256_of(model) != args.sha256.lower():
-            raise FetchError(f"{args.uri}: sha256 {sha256_of(model)} does not match spec.model.sha256")
-        evaluation = fetch(args.evaluation, work / ("evaluation" + Path(urlsplit(args.evaluation).path).suffix))
+        model = fetch_model(args.uri, work, args.model_format, args.sha256)
+        evaluation = fetch_evaluation(args.evaluation, work)
         try:
             options = BenchOptions(model, evaluation, instance_type=args.instance_type, metric=args.metric,
                                    seconds_per_point=args.seconds_per_point, max_batch=args.max_batch)  # fmt: skip

@@ -83,6 +83,21 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def fetch_model(uri: str, work: Path, model_format: str = "onnx", sha256: str | None = None) -> Path:
+    """The model file in ``work``, its digest checked against the spec's when one is given."""
+    model = fetch(uri, work / ("model.pt" if model_format == "pytorch" else "model.onnx"))
+    if sha256 is not None:
+        actual = sha256_of(model)
+        if actual != sha256.lower():
+            raise FetchError(f"{uri}: sha256 {actual} does not match spec.model.sha256 {sha256}")
+    return model
+
+
+def fetch_evaluation(uri: str, work: Path) -> Path:
+    """The evaluation data in ``work``, keeping its suffix (.npz, .jsonl: the reader goes by it)."""
+    return fetch(uri, work / ("evaluation" + Path(urlsplit(uri).path).suffix))
+
+
 def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = None, model_format: str = "onnx",
             evaluation: str | None = None, gpu: bool = False) -> Path:  # fmt: skip
     """Fetch, verify and convert the model; write the variant to ``out``. Returns ``out``."""
@@ -91,13 +106,10 @@ def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = Non
 
     with tempfile.TemporaryDirectory(prefix="leanserve-fetch-", dir=out.parent) as tmp:
         work = Path(tmp)
-        suffix = ".pt" if model_format == "pytorch" else ".onnx"
-        model = fetch(uri, work / f"original{suffix}")
-        if sha256 is not None and sha256_of(model) != sha256.lower():
-            raise FetchError(f"{uri}: sha256 {sha256_of(model)} does not match spec.model.sha256 {sha256}")
+        model = fetch_model(uri, work, model_format, sha256)
         data = None
         if evaluation is not None and (model_format == "pytorch" or variant == "int8-static"):
-            data_path = fetch(evaluation, work / ("evaluation" + Path(urlsplit(evaluation).path).suffix))
+            data_path = fetch_evaluation(evaluation, work)
         if model_format == "pytorch":
             from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 

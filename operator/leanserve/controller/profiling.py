@@ -23,10 +23,10 @@ from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.controller import builders, kube, profile_store
 from leanserve.controller.builders import BuildSettings, Owner
 from leanserve.planner.prices import PriceTable
+from leanserve_serving.bench_job import FAILED_PREFIX
 from leanserve_serving.profile import Profile
 
 log = logging.getLogger("leanserve.operator")
-FAILED_PREFIX = "bench failed: "
 
 
 @dataclass

@@ -7,7 +7,6 @@ batch sizes, here, on this machine.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from leanserve_serving.bench import measure
 from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_data, read_npz
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.variants import build_variants
+from leanserve_serving.fetch import sha256_of
 from leanserve_serving.model_server import cpu_limit, spec_of
 from leanserve_serving.profile import Profile, VariantProfile
 
@@ -48,11 +48,8 @@ Progress = Callable[[str], None]
 
 
 def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    """``sha256:HEX`` of the file: the profile's model digest (the hex part is what spec.model.sha256 holds)."""
+    return f"sha256:{sha256_of(path)}"
 
 
 PYTORCH_SUFFIXES = (".pt", ".pth", ".torchscript")
