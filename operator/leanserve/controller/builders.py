@@ -211,6 +211,30 @@ def _source_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     return None
 
 
+def _source_volumes(spec: InferenceDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts for the model's and the evaluation data's pvc:// / configmap:// sources (each once)."""
+    uris = [spec.model.uri] + ([spec.model.evaluation.uri] if spec.model.evaluation else [])
+    found = {v[0]["name"]: v for v in map(_source_volume, uris) if v is not None}
+    return [v for v, _ in found.values()], [m for _, m in found.values()]
+
+
+def _pod_security(uid: int) -> dict[str, Any]:
+    """The pod-level half of the restricted profile (CONTAINER_SECURITY is the container half)."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+
+
+def _image(spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSettings) -> str:
+    """The serving image for the type: the GPU build on GPU types; the spec's overrides first."""
+    if itype.is_gpu:
+        return spec.serving.gpu_image or settings.gpu_image
+    return spec.serving.image or settings.image
+
+
+#: Lets a pod onto the tainted GPU pool.
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
 def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
                       settings: BuildSettings, rss_mb: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The serving Deployment: fetch init container, model server, batching sidecar.
@@ -219,7 +243,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
     sets the first value once, at creation, under another field manager).
     """
     gpu = itype.is_gpu
-    image = (spec.serving.gpu_image or settings.gpu_image) if gpu else (spec.serving.image or settings.image)
+    image = _image(spec, itype, settings)
     model_res, sidecar_res = pod_resources(spec, itype, rss_mb)
     fetch_args = ["python", "-m", "leanserve_serving.fetch", "--uri", spec.model.uri, "--out", "/models/model.onnx",
                   "--variant", plan.variant, "--format", spec.model.format]  # fmt: skip
@@ -234,12 +258,9 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
         {"name": "sidecar-config", "configMap": {"name": config_name(owner)}},
     ]
-    fetch_mounts = [{"name": "models", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}]
-    for uri in [spec.model.uri] + ([spec.model.evaluation.uri] if spec.model.evaluation else []):
-        extra = _source_volume(uri)
-        if extra and extra[0]["name"] not in {v["name"] for v in volumes}:
-            volumes.append(extra[0])
-            fetch_mounts.append(extra[1])
+    sources, source_mounts = _source_volumes(spec)
+    volumes += sources
+    fetch_mounts = [{"name": "models", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}, *source_mounts]
     settings_json = render_config(owner, spec, plan)["data"]["sidecar.json"]
     pod_annotations = {
         "prometheus.io/scrape": "true",
@@ -251,13 +272,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": SERVING_UID,
-            "runAsGroup": SERVING_UID,
-            "fsGroup": SERVING_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(SERVING_UID),
         "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
         "initContainers": [
             {
@@ -309,7 +324,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
         "volumes": volumes,
     }
     if gpu:
-        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+        pod_spec["tolerations"] = [GPU_TOLERATION]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -433,13 +448,7 @@ def render_redis(owner: Owner, spec: InferenceDeploymentSpec, settings: BuildSet
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": REDIS_UID,
-                        "runAsGroup": REDIS_UID,
-                        "fsGroup": REDIS_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
+                    "securityContext": _pod_security(REDIS_UID),
                     "containers": [container],
                     "volumes": [{"name": "data", "emptyDir": {}}],
                 },
@@ -475,39 +484,32 @@ def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: Ins
     """
     if spec.model.evaluation is None:
         raise ValueError("profiling needs model.evaluation")
-    gpu = itype.is_gpu
-    image = (spec.serving.gpu_image or settings.gpu_image) if gpu else (spec.serving.image or settings.image)
     model_res, _ = pod_resources(spec, itype, None)
     args = ["python", "-m", "leanserve_serving.bench_job", "--uri", spec.model.uri, "--evaluation",
             spec.model.evaluation.uri, "--metric", spec.model.evaluation.metric, "--instance-type", itype.name,
             "--format", spec.model.format]  # fmt: skip
     if spec.model.sha256:
         args += ["--sha256", spec.model.sha256]
-    volumes: list[dict[str, Any]] = [{"name": "work", "emptyDir": {}}]
-    mounts = [{"name": "work", "mountPath": "/work"}]
-    for uri in (spec.model.uri, spec.model.evaluation.uri):
-        extra = _source_volume(uri)
-        if extra and extra[0]["name"] not in {v["name"] for v in volumes}:
-            volumes.append(extra[0])
-            mounts.append(extra[1])
+    sources, source_mounts = _source_volumes(spec)
     meta = _metadata(owner, profiling_job_name(owner, itype.name), "profiling")
     meta["labels"].update({"leanserve.dev/model-key": model_key, "leanserve.dev/instance-type": itype.name})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID, "runAsGroup": SERVING_UID,
-                            "fsGroup": SERVING_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": _pod_security(SERVING_UID),
         "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
         "containers": [{
-            "name": "bench", "image": image, "command": args, "env": [{"name": "TMPDIR", "value": "/work"}],
-            "resources": model_res, "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts,
+            "name": "bench", "image": _image(spec, itype, settings), "command": args,
+            "env": [{"name": "TMPDIR", "value": "/work"}], "resources": model_res,
+            "securityContext": CONTAINER_SECURITY,
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}, *source_mounts],
             "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
         }],
-        "volumes": volumes,
+        "volumes": [{"name": "work", "emptyDir": {}}, *sources],
     }  # fmt: skip
-    if gpu:
-        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    if itype.is_gpu:
+        pod_spec["tolerations"] = [GPU_TOLERATION]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
