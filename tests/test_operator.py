@@ -21,6 +21,7 @@ from leanserve.api.resource import GROUP, PLURAL, VERSION
 from leanserve.api.spec import ModelSpec
 from leanserve.controller import profile_store
 from leanserve.controller.builders import OWNER_LABEL
+from leanserve.controller.kube import request
 from leanserve.controller.reconcile import OperatorSettings, reconcile
 from tests.conftest import REPO, install_crd
 from tests.operator_harness import (
@@ -90,18 +91,17 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
 def owned(kube: Any, ns: str, name: str) -> dict[str, dict[str, Any]]:
     """kind/name -> object, for everything labelled as belonging to ``name``."""
     selector = f"{OWNER_LABEL}={name}"
-    api = kube
     found: dict[str, dict[str, Any]] = {}
     listers = {
-        "Deployment": client.AppsV1Api(api).list_namespaced_deployment,
-        "Service": client.CoreV1Api(api).list_namespaced_service,
-        "ConfigMap": client.CoreV1Api(api).list_namespaced_config_map,
-        "HorizontalPodAutoscaler": client.AutoscalingV2Api(api).list_namespaced_horizontal_pod_autoscaler,
-        "PodDisruptionBudget": client.PolicyV1Api(api).list_namespaced_pod_disruption_budget,
+        "Deployment": client.AppsV1Api(kube).list_namespaced_deployment,
+        "Service": client.CoreV1Api(kube).list_namespaced_service,
+        "ConfigMap": client.CoreV1Api(kube).list_namespaced_config_map,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api(kube).list_namespaced_horizontal_pod_autoscaler,
+        "PodDisruptionBudget": client.PolicyV1Api(kube).list_namespaced_pod_disruption_budget,
     }
     for kind, lister in listers.items():
         for item in lister(ns, label_selector=selector).items:
-            found[f"{kind}/{item.metadata.name}"] = api.sanitize_for_serialization(item)
+            found[f"{kind}/{item.metadata.name}"] = kube.sanitize_for_serialization(item)
     return found
 
 
@@ -134,9 +134,7 @@ def events(kube: Any, ns: str, name: str) -> list[str]:
 def printer_columns(kube: Any, ns: str, name: str) -> dict[str, Any]:
     """The row `kubectl get infd` prints, from the API server's Table rendering."""
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/{name}"
-    params = kube.param_serialize(method="GET", resource_path=path, header_params={
-        "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}, auth_settings=["BearerToken"])  # fmt: skip
-    table = json.loads(kube.call_api(*params).read())
+    table = request(kube, "GET", path, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
     return dict(zip([c["name"] for c in table["columnDefinitions"]], table["rows"][0]["cells"], strict=True))
 
 
@@ -347,8 +345,6 @@ def test_an_operator_restart_resumes_without_duplicating_anything(kube, operator
 
 def test_a_malformed_object_gets_a_condition_not_a_crash_loop(kube, operator, ns):
     """An object stored under an older, looser schema (installed for the occasion, then restored)."""
-    from leanserve.controller.kube import request
-
     crd_path = REPO / "crds" / "inferencedeployments.leanserve.dev.yaml"
     crd = client.ApiextensionsV1Api(kube).read_custom_resource_definition("inferencedeployments.leanserve.dev")
     loose = kube.sanitize_for_serialization(crd)

@@ -108,9 +108,8 @@ def _serving(status: kopf.Status, **_: Any) -> bool:
 
 def _refresh(body: kopf.Body, memo: kopf.Memo) -> None:
     meta = body["metadata"]
-    ref = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": meta["name"],
-                                                                       "namespace": meta["namespace"]}}  # fmt: skip
-    refresh_availability(memo.api, _plain(body), kube.get(memo.api, ref))
+    deployment = kube.get(memo.api, kube.reference("apps/v1", "Deployment", meta["name"], meta["namespace"]))
+    refresh_availability(memo.api, _plain(body), deployment)
     _release_freed_memory()
 
 

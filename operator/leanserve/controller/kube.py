@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client import ApiClient
 from kubernetes.client.rest import ApiException
 
 from leanserve.api.resource import GROUP, KIND, PLURAL, VERSION
+from leanserve.controller.conditions import now_rfc3339
 
 FIELD_MANAGER = "leanserve"
 #: Owns a Deployment's first replica count only, so the HPA can take it over (see ``ensure_created``).
@@ -48,12 +48,17 @@ def object_path(obj: dict[str, Any]) -> str:
     return f"{collection_path(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
 
 
+def reference(api_version: str, kind: str, name: str, namespace: str) -> dict[str, Any]:
+    """The least of an object that ``get`` and ``object_path`` need."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
+
+
 def request(api: ApiClient, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-            content_type: str = "application/json") -> Any:  # fmt: skip
+            content_type: str = "application/json", accept: str = "application/json") -> Any:  # fmt: skip
     """One API call; the decoded JSON answer. Raises ApiException on an error status."""
     params = api.param_serialize(
         method=method, resource_path=path, query_params=list((query or {}).items()),
-        header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
+        header_params={"Content-Type": content_type, "Accept": accept}, body=body,
         auth_settings=["BearerToken"],
     )  # fmt: skip
     response = api.call_api(*params)
@@ -134,7 +139,7 @@ def patch_status(api: ApiClient, name: str, namespace: str, status: dict[str, An
 def post_event(api: ApiClient, involved: dict[str, Any], reason: str, message: str, type_: str = "Normal") -> None:
     """A core/v1 Event on the InferenceDeployment, what ``kubectl describe`` shows. Never raises."""
     meta = involved["metadata"]
-    now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    now = now_rfc3339()
     event = {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -69,8 +70,6 @@ class OperatorSettings:
             custom_metrics=custom_metrics,
         )
         prices_file = env.get("LEANSERVE_PRICES")
-        from pathlib import Path
-
         return cls(build=build, prices=load_prices(Path(prices_file) if prices_file else None))
 
 
@@ -153,12 +152,11 @@ def reconcile(api: ApiClient, body: dict[str, Any], settings: OperatorSettings) 
     measuring = profiling.ensure_profiles(api, owner, spec, settings.prices, settings.build, key, profiles,
                                           settings.image_version)  # fmt: skip
     profiles = profiles + measuring.measured
-    serving = kube.get(api, {"apiVersion": "apps/v1", "kind": "Deployment",
-                             "metadata": {"name": owner.name, "namespace": owner.namespace}})  # fmt: skip
     if measuring.pending:
         outcome = _profiling(body, measuring, generation)
         _write(api, body, outcome.status, outcome)
         return outcome
+    serving = kube.get(api, kube.reference("apps/v1", "Deployment", owner.name, owner.namespace))
     options = replace(settings.plan_options, unavailable={**settings.plan_options.unavailable, **measuring.unavailable})
     start = time.perf_counter()
     with _PLANNING:
