@@ -28,6 +28,8 @@ type result struct {
 	P50       float64 `json:"p50_ms"`
 	P95       float64 `json:"p95_ms"`
 	P99       float64 `json:"p99_ms"`
+	// Quantiles holds the latency at every whole percentile, 0 to 100 (101 values).
+	Quantiles []float64 `json:"quantiles_ms"`
 }
 
 func percentile(sorted []float64, p float64) float64 {
@@ -95,6 +97,9 @@ func main() {
 	sort.Float64s(latencies)
 	out := result{Offered: *rate, Sent: sent, Completed: len(latencies), Errors: errors,
 		Achieved: float64(len(latencies)) / wall, P50: percentile(latencies, 50),
-		P95: percentile(latencies, 95), P99: percentile(latencies, 99)}
+		P95: percentile(latencies, 95), P99: percentile(latencies, 99), Quantiles: make([]float64, 101)}
+	for p := range out.Quantiles {
+		out.Quantiles[p] = percentile(latencies, float64(p))
+	}
 	json.NewEncoder(os.Stdout).Encode(out)
 }

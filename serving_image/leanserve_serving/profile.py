@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 TERMINATION_MESSAGE_LIMIT = 4096
 
+#: Quantile levels (percent) at which the stack's jitter and outside-the-batch latency are kept.
+STACK_LEVELS = (0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 100)
+
 VariantName = Literal["fp32", "int8-dynamic", "int8-static", "fp16"]
 
 
@@ -46,6 +49,18 @@ class LatencyPoint(_Model):
     p99_ms: float
     throughput_rps: float
     """Rows per second at this batch size: batch_size / mean latency."""
+    stack_ms: float | None = None
+    """Mean time one batch of this size holds a replica through the whole serving stack (sidecar, HTTP,
+    JSON, model server, model) under saturating load; None where the stack was not measured."""
+
+
+class StackProfile(_Model):
+    """What the serving stack adds to the model, measured through the real processes (see bench.stack)."""
+
+    jitter: list[float]
+    """Quantiles (STACK_LEVELS) of a batch's time over its mean: the spread the planner draws service times from."""
+    outside_ms: list[float]
+    """Quantiles (STACK_LEVELS) of the time a request spends outside the replica's batch path."""
 
 
 class VariantProfile(_Model):
@@ -64,6 +79,8 @@ class VariantProfile(_Model):
     latency: list[LatencyPoint] = Field(default_factory=list)
     rss_mb: float | None = None
     gpu_memory_mb: float | None = None
+    stack: StackProfile | None = None
+    """None when the bench did not run the serving stack (``--stack-seconds 0``, or a profile from before)."""
 
     def best(self) -> LatencyPoint | None:
         """The batch size with the highest throughput."""
@@ -101,6 +118,8 @@ class Profile(_Model):
                 for key, value in point.items():
                     if isinstance(value, float):
                         point[key] = float(f"{value:.4g}")
+            if v.get("stack"):
+                v["stack"] = {k: [float(f"{x:.3g}") for x in q] for k, q in v["stack"].items()}
         keep_every = 1
         while True:
             text = json.dumps(doc, separators=(",", ":"))

@@ -7,6 +7,13 @@ filling) over the measured service time of each batch size. Many
 configurations are simulated in lockstep (one numpy operation per batch step
 for all of them), and they share their random arrivals (common random numbers),
 so comparisons between configurations are not noise.
+
+Where the bench ran the serving stack, a curve carries what it measured there:
+the service time of a batch through the whole replica (sidecar, HTTP, JSON,
+model server, model), its spread (each batch's time is the mean times a draw
+from the measured jitter) and the time a request spends outside the batch path
+(a draw added to each request). Without them (older profiles), service times
+are the model's alone, constant, and a fixed ``overhead_ms`` is added.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leanserve_serving.profile import STACK_LEVELS
+
 
 @dataclass(frozen=True)
 class ServiceCurve:
@@ -22,6 +31,10 @@ class ServiceCurve:
 
     batch_sizes: tuple[int, ...]
     mean_ms: tuple[float, ...]
+    jitter: tuple[float, ...] = ()
+    """Quantiles (STACK_LEVELS) of a batch's service time over its mean; () for constant service times."""
+    outside_ms: tuple[float, ...] = ()
+    """Quantiles (STACK_LEVELS) of each request's time outside the batch path; () for the caller's overhead."""
 
     def at(self, sizes: np.ndarray) -> np.ndarray:
         """Service time for each batch size (linear in between, linear extrapolation beyond the last)."""
@@ -32,6 +45,18 @@ class ServiceCurve:
             slope = (t[-1] - t[-2]) / (b[-1] - b[-2])
             out = np.where(sizes > b[-1], t[-1] + slope * (sizes - b[-1]), out)
         return out
+
+    @property
+    def measured_stack(self) -> bool:
+        """Whether these figures come from the whole serving stack rather than the model alone."""
+        return bool(self.outside_ms)
+
+
+def _draws(quantiles: tuple[float, ...], u: np.ndarray, default: float) -> np.ndarray:
+    """Samples of a distribution given by its quantiles at STACK_LEVELS, from uniforms ``u`` (inverse CDF)."""
+    if not quantiles:
+        return np.full(u.shape, default)
+    return np.interp(u * 100.0, STACK_LEVELS, quantiles)
 
 
 @dataclass(frozen=True)
@@ -61,37 +86,44 @@ def simulate(
     k = len(curves)
     rng = np.random.default_rng(seed)
     unit = np.cumsum(rng.exponential(size=requests))  # arrivals at rate 1; config c's are unit / rate_c
+    u_service, u_outside = rng.uniform(size=requests), rng.uniform(size=requests)
     rates = np.maximum(np.asarray(rates, dtype=float), 1e-9)
     latency = np.empty(k)
     mean_batch = np.ones(k)
     single = np.array([p.max_batch == 1 for p in policies])
     skip = requests // 10
 
-    def summarise(lat: np.ndarray) -> np.ndarray:
-        lat = lat[..., skip:] * 1000.0 + overhead_ms
+    def summarise(configs: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """The percentile (or mean) of each row of ``lat`` (seconds), once each request's outside time is added."""
+        outside = np.stack([_draws(curves[c].outside_ms, u_outside[skip:], overhead_ms) for c in configs])
+        lat = lat[:, skip:] * 1000.0 + outside
         return lat.mean(axis=-1) if percentile is None else np.percentile(lat, percentile, axis=-1)
 
     if single.any():
-        # One request per call (FIFO, constant service s): departure D_n = max(D_{n-1}, a_n) + s, whose
-        # closed form D_n = s (n + 1) + max_{j <= n} (a_j - s j) is a cumulative max, vectorised whole.
+        # One request per call (FIFO, service s_n): departure D_n = max(D_{n-1}, a_n) + s_n, whose closed
+        # form D_n = S_n + max_{j <= n} (a_j - S_{j-1}) (S_n: the services summed up to n) is a cumulative max.
         idx = np.flatnonzero(single)
         s_one = np.array([curves[c].at(np.array([1.0]))[0] for c in idx])[:, None] / 1000.0
+        service = s_one * np.stack([_draws(curves[c].jitter, u_service, 1.0) for c in idx])
         arrivals = unit[None, :] / rates[idx][:, None]
-        n = np.arange(requests)[None, :]
-        departures = s_one * (n + 1) + np.maximum.accumulate(arrivals - s_one * n, axis=1)
-        latency[idx] = summarise(departures - arrivals)
+        total = np.cumsum(service, axis=1)
+        departures = total + np.maximum.accumulate(arrivals - (total - service), axis=1)
+        latency[idx] = summarise(idx, departures - arrivals)
     batched = np.flatnonzero(~single)
     if batched.size:
+        jitter = np.stack([_draws(curves[c].jitter, u_service, 1.0) for c in batched])
         lat_b, batch_b = _simulate_batches([curves[c] for c in batched], [policies[c] for c in batched],
-                                           rates[batched], unit, requests)  # fmt: skip
-        latency[batched] = [summarise(x) for x in lat_b]
+                                           rates[batched], unit, requests, jitter)  # fmt: skip
+        latency[batched] = summarise(batched, np.stack(lat_b))
         mean_batch[batched] = batch_b
     return latency, mean_batch
 
 
 def _simulate_batches(curves: list[ServiceCurve], policies: list[Policy], rates: np.ndarray, unit: np.ndarray,
-                      requests: int) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
-    """Per-request latency (s) and mean batch size of batching configurations, stepping batch by batch."""
+                      requests: int, jitter: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Per-request latency (s) and mean batch size of batching configurations, stepping batch by batch.
+
+    ``jitter[c, j]`` multiplies the service time of configuration c's j-th batch."""
     k = len(curves)
     max_b = np.array([p.max_batch for p in policies])
     wait = np.array([p.max_wait_ms for p in policies]) / 1000.0
@@ -113,7 +145,7 @@ def _simulate_batches(curves: list[ServiceCurve], policies: list[Policy], rates:
         arrived = np.searchsorted(unit, t * rates, side="right") - i
         n = np.maximum(np.minimum(arrived, max_b), 1)
         n = np.where(active, np.minimum(n, requests - i), 0)
-        finish = t + service[rows, np.minimum(n, top)]
+        finish = t + service[rows, np.minimum(n, top)] * jitter[:, min(len(sizes), requests - 1)]
         free = np.where(active, finish, free)
         sizes.append(n)
         done.append(finish)

@@ -32,10 +32,12 @@ PRECISION_OF = {"fp32": "fp32", "int8-dynamic": "int8", "int8-static": "int8", "
 @dataclass(frozen=True)
 class PlanOptions:
     overhead_ms: float = 1.0
-    """Per-request time outside the model (HTTP, JSON, queueing in the sidecar), added to predictions."""
+    """Per-request time outside the model (HTTP, JSON, queueing in the sidecar), added to predictions for
+    profiles whose bench did not run the serving stack (those that did carry the measured figures)."""
     max_utilization: float = 0.8
     front_door_rps: float = 1500.0
-    """Ceiling of one replica's sidecar (HTTP + JSON in one Python process), whatever the model's speed.
+    """Ceiling of one replica's sidecar (HTTP + JSON in one Python process), whatever the model's speed, for
+    profiles without a stack run (a stack run measures the ceiling with the rest).
     Calibrated here: benchmarks/planner_accuracy.py measured 1.25-1.8 k req/s for the whole stack under
     Poisson load on 2 cores shared with the load generator (closed-loop hey on 32 kept-alive
     connections reaches 9-10 k, see benchmarks/serving.py). Raise it for dedicated cores."""
@@ -129,10 +131,21 @@ def traffic_shape(spec: InferenceDeploymentSpec) -> list[float]:
 
 
 def service_curve(variant: VariantProfile) -> ServiceCurve:
+    """The service time of a batch by size: through the whole serving stack where the bench measured it,
+    else the model's own time (plus, at sizes beyond the stack run, the stack's cost at its largest size)."""
     points = sorted(variant.latency, key=lambda p: p.batch_size)
-    return ServiceCurve(
-        tuple(p.batch_size for p in points), tuple(p.batch_size / p.throughput_rps * 1000 for p in points)
-    )
+    model_ms = [p.batch_size / p.throughput_rps * 1000 for p in points]
+    stack = variant.stack
+    if stack is None or all(p.stack_ms is None for p in points):
+        return ServiceCurve(tuple(p.batch_size for p in points), tuple(model_ms))
+    means, extra = [], 0.0
+    for p, alone in zip(points, model_ms, strict=True):
+        if p.stack_ms is not None:
+            extra = max(0.0, p.stack_ms - alone)
+            means.append(p.stack_ms)
+        else:
+            means.append(alone + extra)
+    return ServiceCurve(tuple(p.batch_size for p in points), tuple(means), tuple(stack.jitter), tuple(stack.outside_ms))
 
 
 def _policies(spec: InferenceDeploymentSpec, largest_measured: int) -> list[Policy]:
@@ -248,7 +261,9 @@ def _evaluate(pending: list[tuple[Candidate, ServiceCurve]], percentile: float, 
         policies = [k[1] for k in missing]
         capacity = max_rate(curves, policies, percentile, target, options.overhead_ms,
                             max_utilization=options.max_utilization, requests=options.requests)  # fmt: skip
-        capacity = np.minimum(capacity, options.front_door_rps)
+        # The front door's ceiling is inside curves measured through the stack; the others get the constant.
+        ceiling = np.array([np.inf if c.measured_stack else options.front_door_rps for c in curves])
+        capacity = np.minimum(capacity, ceiling)
         # The latency predicted at the rate each replica is planned to carry (a trickle where none is possible).
         probe = np.where(capacity > 0, capacity, 1e-3)
         latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)

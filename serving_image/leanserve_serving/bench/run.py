@@ -17,6 +17,7 @@ import onnxruntime as ort
 from leanserve_serving.bench import measure
 from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_data, read_npz
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
+from leanserve_serving.bench.stack import measure_stack, v2_body
 from leanserve_serving.bench.variants import build_variants
 from leanserve_serving.fetch import sha256_of
 from leanserve_serving.model_server import cpu_limit, spec_of
@@ -39,6 +40,8 @@ class BenchOptions:
     threads: int = 0
     max_batch: int = 1024
     seconds_per_point: float = 0.3
+    stack_seconds: float = 0.6
+    """Load per batch size when timing the whole serving stack (bench.stack); 0 skips the stack."""
     gpu: bool | None = None
     """None: use the GPU when ONNX Runtime has the CUDA provider."""
     # model: an ONNX file, or a TorchScript file (.pt/.pth), exported to ONNX with a dynamic batch axis
@@ -112,12 +115,22 @@ def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
             value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, reference)
             progress(f"{built.name}: latency by batch size")
             curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
+            rss, gpu_mb = measure.rss_mb(), measure.gpu_memory_mb()
+            del sess
+            stack_profile = None
+            if options.stack_seconds > 0:
+                progress(f"{built.name}: through the serving stack (sidecar + model server)")
+                sizes = [p.batch_size for p in curve]
+                say = lambda m, n=built.name: progress(f"{n}: {m}")  # noqa: E731
+                figures = measure_stack(built.path, v2_body(data.inputs, specs), sizes, options.stack_seconds,
+                                        progress=say)  # fmt: skip
+                curve = [p.model_copy(update={"stack_ms": figures.batch_ms.get(p.batch_size)}) for p in curve]
+                stack_profile = figures.profile
             results.append(VariantProfile(
                 name=built.name, status="ok", size_bytes=built.path.stat().st_size, load_seconds=load_s,  # type: ignore[arg-type]
-                quality=value, quality_drop=drop, latency=curve, rss_mb=measure.rss_mb(),
-                gpu_memory_mb=measure.gpu_memory_mb(),
+                quality=value, quality_drop=drop, latency=curve, rss_mb=rss, gpu_memory_mb=gpu_mb,
+                stack=stack_profile,
             ))  # fmt: skip
-            del sess
         except Exception as exc:  # a variant that builds but cannot run is a failed variant
             results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
     return Profile(

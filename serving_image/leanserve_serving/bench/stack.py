@@ -1,0 +1,183 @@
+"""The serving stack's share of a request, measured: the sidecar and the model server, HTTP and JSON included.
+
+``session.run`` alone is not what a replica serves: every request also crosses
+the sidecar (parse, check, batch, answer) and every batch the HTTP hop to the
+model server (encode, decode), on the same cores as the model. So for each batch
+size the bench starts the real stack (the same processes a pod runs) and loads it:
+
+- **batch time**: closed loop with twice as many connections as the batch size,
+  the sidecar's max batch at that size, so one full batch is always waiting while
+  the previous runs (as under heavy load). The time between batch completions is
+  what one batch of that size holds the replica, front door included; its spread
+  (each cycle over the mean) is the service-time jitter the planner draws from.
+- **latency outside the batch**: an open-loop trickle (Poisson, no batching),
+  where no request waits for another: each latency minus the batch time of one
+  row is what a request spends outside the replica's serial path (client socket,
+  parse, wake-ups). Kept as quantiles; the planner adds a draw to every request.
+
+The client is a raw HTTP/1.1 keep-alive loop over pre-encoded bytes (tens of
+microseconds a request), so it takes little of the CPU it measures. It runs on
+the same cores, as a load balancer's connections would not; the figures are
+therefore slightly conservative.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from leanserve_serving.local import model_server, sidecar
+from leanserve_serving.profile import STACK_LEVELS, StackProfile
+from leanserve_serving.tensors import TensorSpec
+
+#: Largest batch size run through the stack (the planner's largest batching policy); beyond it the planner
+#: adds the stack's cost at this size to the model's own time.
+MAX_STACK_BATCH = 128
+WARMUP_S = 0.2
+
+
+class StackError(RuntimeError):
+    """The stack did not answer as it should (a non-200, a closed connection)."""
+
+
+def v2_body(feeds: dict[str, np.ndarray], specs: list[TensorSpec]) -> bytes:
+    """A v2 infer request body holding the first row of each input, typed as the model declares it."""
+    types = {s.name: s.datatype for s in specs}
+    inputs = []
+    for name, array in feeds.items():
+        datatype = types.get(name, "FP32")
+        data = array[:1]
+        values = [str(x) for x in data.ravel()] if datatype == "BYTES" else data.ravel().tolist()
+        inputs.append({"name": name, "datatype": datatype, "shape": [1, *data.shape[1:]], "data": values})
+    return orjson.dumps({"inputs": inputs})
+
+
+def http_request(port: int, path: str, body: bytes) -> bytes:
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> None:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head[9:12]
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    if status != b"200":
+        raise StackError(f"the stack answered {status.decode()}")
+
+
+async def closed_loop(port: int, request: bytes, connections: int, seconds: float, at_least: int = 0) -> list[float]:
+    """Completion times (perf_counter seconds) of requests sent back-to-back on ``connections`` connections,
+    for ``seconds`` or until ``at_least`` requests are done (within ten times ``seconds``)."""
+    done: list[float] = []
+    start = time.perf_counter()
+
+    def going() -> bool:
+        elapsed = time.perf_counter() - start
+        return elapsed < seconds or (len(done) < at_least and elapsed < 10 * seconds)
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while going():
+                await _exchange(reader, writer, request)
+                done.append(time.perf_counter())
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return done
+
+
+async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed: int = 1) -> list[float]:
+    """Latencies (s) of Poisson arrivals at ``rate``, each from its scheduled time (no coordinated omission)."""
+    rng = np.random.default_rng(seed)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    latencies: list[float] = []
+
+    async def one(scheduled: float) -> None:
+        conn = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
+        await _exchange(*conn, request)
+        latencies.append(time.perf_counter() - scheduled)
+        idle.append(conn)
+
+    tasks = []
+    start = time.perf_counter()
+    at = start
+    while at - start < seconds:
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(at)))
+        at += rng.exponential(1 / rate)
+    await asyncio.gather(*tasks)
+    for _, writer in idle:
+        writer.close()
+    return latencies
+
+
+@dataclass
+class StackFigures:
+    batch_ms: dict[int, float]
+    """Mean time one batch of each size holds the replica through the whole stack."""
+    profile: StackProfile
+    """The jitter (pooled over batch sizes) and the latency outside the batch path."""
+
+
+def batch_cycles(done: list[float], size: int, warmup: float) -> np.ndarray:
+    """Times between the completions of consecutive full batches (the last reply of each batch of ``size``)."""
+    t = np.sort(np.asarray(done))
+    t = t[t >= t[0] + warmup] if len(t) else t
+    ends = t[size - 1 :: size]
+    return np.diff(ends)
+
+
+def measure_stack(
+    model: Path,
+    body: bytes,
+    batch_sizes: list[int],
+    seconds: float = 0.6,
+    trickle_seconds: float = 3.0,
+    progress: Callable[[str], None] = lambda _: None,
+) -> StackFigures:
+    """Batch time by batch size, its jitter, and the latency outside the batch, through the real stack."""
+    name = "bench"
+    path = f"/v2/models/{name}/infer"
+    batch_ms: dict[int, float] = {}
+    ratios: list[np.ndarray] = []
+    with model_server(model, name) as server:
+        for size in [b for b in batch_sizes if b <= MAX_STACK_BATCH]:
+            with sidecar(server.url, size, 50.0) as (_, port):
+                request = http_request(port, path, body)
+                done = asyncio.run(closed_loop(port, request, 2 * size, seconds + WARMUP_S, 24 * size))
+                cycles = batch_cycles(done, size, WARMUP_S)
+                if len(cycles) < 5:
+                    raise StackError(f"too few batches of {size} completed in {seconds:g} s")
+                batch_ms[size] = float(cycles.mean() * 1000)
+                ratios.append(cycles / cycles.mean())
+                rows_per_s = size / batch_ms[size] * 1000
+                progress(f"stack: batch {size}: {batch_ms[size]:.2f} ms a batch ({rows_per_s:.0f} rows/s)")
+        with sidecar(server.url, 1, 0.0) as (_, port):
+            request = http_request(port, path, body)
+            single = batch_ms.get(1) or min(batch_ms.values())
+            rate = min(50.0, 100.0 / single)  # about 10 % busy: nobody waits for anybody
+            asyncio.run(open_loop(port, request, rate, 0.5))  # warm-up
+            latencies = np.asarray(asyncio.run(open_loop(port, request, rate, trickle_seconds))) * 1000
+    outside = np.maximum(np.percentile(latencies, STACK_LEVELS) - single, 0.0)
+    jitter = np.percentile(np.concatenate(ratios), STACK_LEVELS)
+    p50, p90 = STACK_LEVELS.index(50), STACK_LEVELS.index(90)
+    progress(f"stack: outside the batch p50 {outside[p50]:.2f} ms, p90 {outside[p90]:.2f} ms; batch time "
+             f"p90/mean {jitter[p90]:.2f}")  # fmt: skip
+    return StackFigures(batch_ms, StackProfile(jitter=[round(float(x), 4) for x in jitter],
+                                               outside_ms=[round(float(x), 3) for x in outside]))  # fmt: skip

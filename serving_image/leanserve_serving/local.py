@@ -1,0 +1,110 @@
+"""The serving pod's two containers as local processes (leanserve serve, leanserve demo, the bench's stack run)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanserve_serving.model_server import cpu_limit
+
+#: Batches in flight between the sidecar and the model server. One: the model server runs one batch at a
+#: time on every core, so a second one in flight only waits there; the planner models this as one server.
+UPSTREAM_CONCURRENCY = 1
+
+
+def free_port() -> int:
+    """A port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers; fail early, with the exit code, if ``proc`` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _env(redis_url: str = "") -> dict[str, str]:
+    return {**os.environ, "LEANSERVE_THREADS": str(cpu_limit()),
+            "LEANSERVE_UPSTREAM_CONCURRENCY": str(UPSTREAM_CONCURRENCY), "LEANSERVE_REDIS_URL": redis_url}  # fmt: skip
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@dataclass
+class ModelServerProcess:
+    """A model server running as a local process."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+
+@contextlib.contextmanager
+def model_server(model: Path, name: str, quiet: bool = True) -> Iterator[ModelServerProcess]:
+    """The model server container as a local process on a free loopback port; stopped after."""
+    port = free_port()
+    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
+    proc = subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model),
+                             "--name", name, "--host", "127.0.0.1", "--port", str(port)], env=_env(), **output)  # type: ignore[call-overload]  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        yield ModelServerProcess(proc, f"http://127.0.0.1:{port}")
+    finally:
+        _stop([proc])
+
+
+@contextlib.contextmanager
+def sidecar(
+    upstream: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
+    quiet: bool = True,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:  # fmt: skip
+    """The sidecar container as a local process in front of ``upstream``; yields it and its port."""
+    port = port or free_port()
+    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", upstream, "--host", "127.0.0.1",
+         "--port", str(port), "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+        env=_env(redis_url), **output)  # type: ignore[call-overload]  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        yield proc, port
+    finally:
+        _stop([proc])
+
+
+@contextlib.contextmanager
+def serving_stack(
+    model: Path, name: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
+    quiet: bool = True,
+) -> Iterator[str]:  # fmt: skip
+    """A pod's two containers as local processes: the model server and, in front, the sidecar with this
+    batching (and a cache when ``redis_url`` is set). Yields the infer URL; stops both after."""
+    with model_server(model, name, quiet) as server, sidecar(server.url, max_batch, max_wait_ms, port, redis_url,
+                                                              quiet) as (_, front):  # fmt: skip
+        yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"
