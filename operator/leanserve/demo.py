@@ -29,6 +29,7 @@ from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, ser
 from leanserve.planner.prices import load_prices
 from leanserve.planner.report import write_report
 from leanserve_serving.bench.evaldata import read_npz
+from leanserve_serving.local import CPUs, pinned, split_cpus
 
 CAMPAIGN = """
 apiVersion: leanserve.dev/v1alpha1
@@ -68,8 +69,8 @@ def _loadgen() -> Path | None:
     return LOADGEN if LOADGEN.exists() else None
 
 
-def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
-    """Offer ``rate`` req/s for ``seconds``; report what came back.
+def load_test(url: str, body: Path, rate: float, seconds: float, cpus: CPUs = None) -> LoadResult:
+    """Offer ``rate`` req/s for ``seconds`` (the generator on ``cpus``); report what came back.
 
     With hack/loadgen: Poisson arrivals (what the planner models), latency from each
     scheduled arrival. Without Go, hey's rate-limited workers, which send in bursts
@@ -78,7 +79,7 @@ def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
     loadgen = _loadgen()
     if loadgen is not None:
         argv = [str(loadgen), "-url", url, "-body", str(body), "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, **pinned(cpus)).stdout
         r = json.loads(out)
         total = r["sent"] or 1
         return LoadResult(rate, r["achieved_rps"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"] / total)
@@ -88,7 +89,7 @@ def load_test(url: str, body: Path, rate: float, seconds: float) -> LoadResult:
     workers = max(1, min(64, int(rate // 10) or 1))
     out = subprocess.run([exe, "-z", f"{seconds:g}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m",
                           "POST", "-T", "application/json", "-D", str(body), url],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+                         capture_output=True, text=True, check=True, **pinned(cpus)).stdout  # fmt: skip
 
     def pct(p: int) -> float:
         m = re.search(rf"\s{p}% in ([\d.]+) secs", out)
@@ -122,8 +123,13 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     say(f"    trained: accuracy {ref.accuracy:.4f} on {ref.evaluation.name}")
 
     say("2/5 profiling fp32, int8-dynamic and int8-static on this machine (leanserve bench)")
+    server_cpus, client_cpus = split_cpus()
+    if server_cpus:
+        say(f"    the serving processes run on CPU(s) {sorted(server_cpus)}, the load generator on "
+            f"{sorted(client_cpus or ())} (in a cluster, clients are elsewhere)")  # fmt: skip
     profile = run_bench(BenchOptions(ref.model, ref.evaluation, instance_type="local", max_batch=32,
-                                     seconds_per_point=0.2), progress=lambda m: say(f"    {m}"))  # fmt: skip
+                                     seconds_per_point=0.2, cpus=server_cpus, client_cpus=client_cpus),
+                        progress=lambda m: say(f"    {m}"))  # fmt: skip
     (work / "profiles").mkdir(exist_ok=True)
     (work / "profiles" / "text-local.json").write_text(profile.model_dump_json(indent=2))
     for v in profile.variants:
@@ -158,12 +164,12 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
     predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
-    with serving_stack(built.path, "text", w.policy) as url:  # type: ignore[arg-type]
+    with serving_stack(built.path, "text", w.policy, cpus=server_cpus) as url:  # type: ignore[arg-type]
         say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s; "
             f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
         generator = "hack/loadgen (Poisson arrivals)" if _loadgen() else "hey (bursty; no Go here)"
         say(f"    load generator: {generator}")
-        measured = load_test(url, body, rate, load_seconds)
+        measured = load_test(url, body, rate, load_seconds, client_cpus)
     error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")
     say(f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "
         f"offered {measured.offered_rps:.0f} req/s, served {measured.achieved_rps:.0f} req/s, "
@@ -172,6 +178,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     say(f"    cost per 1M requests: ${w.cost_per_million:.4f} against ${baseline:.4f} for the naive baseline "
         f"({1 - w.cost_per_million / baseline:.0%} less)")  # fmt: skip
     say(f"    report: {', '.join(str(p) for p in report)}")
+    threads = len(server_cpus) if server_cpus else cpu_limit()
     return {
         "model": "text (MiniLM + head)", "accuracy_fp32": ref.accuracy, "plan": w.label(),
         "precision": w.variant, "max_batch": w.policy.max_batch, "max_wait_ms": w.policy.max_wait_ms,
@@ -181,6 +188,6 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
         "p95_error": round(error, 3), "sla_met": measured.p95_ms <= spec.sla.latency.target_ms,
         "cost_per_million": round(w.cost_per_million, 4), "baseline_cost_per_million": round(baseline, 4),
         "waterfall": {s.lever: round(s.cost_per_million, 4) for s in result.waterfall},
-        "replicas": {"min": min(w.replicas_hourly), "peak": w.replicas_peak}, "threads": cpu_limit(),
+        "replicas": {"min": min(w.replicas_hourly), "peak": w.replicas_peak}, "threads": threads,
         "seconds": round(time.monotonic() - started, 1), "report": str(work / "report"),
     }  # fmt: skip

@@ -15,8 +15,10 @@ __all__ = ["free_port", "serving_stack", "wait_ready"]
 
 @contextlib.contextmanager
 def serving_stack(
-    model: Path, name: str, policy: Policy, port: int | None = None, redis_url: str = "", quiet: bool = True
-) -> Iterator[str]:
-    """The model server and the sidecar with ``policy``'s batching; yields the infer URL."""
-    with local.serving_stack(model, name, policy.max_batch, policy.max_wait_ms, port, redis_url, quiet) as url:
+    model: Path, name: str, policy: Policy, port: int | None = None, redis_url: str = "", quiet: bool = True,
+    cpus: local.CPUs = None,
+) -> Iterator[str]:  # fmt: skip
+    """The model server and the sidecar with ``policy``'s batching (on ``cpus``); yields the infer URL."""
+    with local.serving_stack(model, name, policy.max_batch, policy.max_wait_ms, port, redis_url, quiet,
+                             cpus) as url:  # fmt: skip
         yield url

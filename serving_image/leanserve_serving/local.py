@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from leanserve_serving.model_server import cpu_limit
 
@@ -41,8 +42,45 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def _env(redis_url: str = "") -> dict[str, str]:
-    return {**os.environ, "LEANSERVE_THREADS": str(cpu_limit()),
+CPUs = frozenset[int] | None
+
+
+def split_cpus() -> tuple[CPUs, CPUs]:
+    """(the serving processes' CPUs, the load generator's CPU) on a machine of two or more CPUs, else (None, None).
+
+    A load generator on the cores it loads takes their CPU and depresses what it measures; in a cluster the
+    clients are elsewhere. So local measurements give the client one CPU of its own and the pod the rest.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return frozenset(cpus[:-1]), frozenset(cpus[-1:])
+
+
+def pinned(cpus: CPUs) -> dict[str, Any]:
+    """Popen arguments that run a child on ``cpus`` only (nothing when None)."""
+    if cpus is None:
+        return {}
+    return {"preexec_fn": lambda: os.sched_setaffinity(0, cpus)}
+
+
+@contextlib.contextmanager
+def running_on(cpus: CPUs) -> Iterator[None]:
+    """Run this thread (and threads it starts) on ``cpus`` for the block; nothing when None."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _env(redis_url: str = "", cpus: CPUs = None) -> dict[str, str]:
+    threads = len(cpus) if cpus else cpu_limit()
+    return {**os.environ, "LEANSERVE_THREADS": str(threads),
             "LEANSERVE_UPSTREAM_CONCURRENCY": str(UPSTREAM_CONCURRENCY), "LEANSERVE_REDIS_URL": redis_url}  # fmt: skip
 
 
@@ -66,12 +104,13 @@ class ModelServerProcess:
 
 
 @contextlib.contextmanager
-def model_server(model: Path, name: str, quiet: bool = True) -> Iterator[ModelServerProcess]:
-    """The model server container as a local process on a free loopback port; stopped after."""
+def model_server(model: Path, name: str, quiet: bool = True, cpus: CPUs = None) -> Iterator[ModelServerProcess]:
+    """The model server container as a local process on a free loopback port (on ``cpus``); stopped after."""
     port = free_port()
     output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
     proc = subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model),
-                             "--name", name, "--host", "127.0.0.1", "--port", str(port)], env=_env(), **output)  # type: ignore[call-overload]  # fmt: skip
+                             "--name", name, "--host", "127.0.0.1", "--port", str(port)], env=_env(cpus=cpus), **output,
+                            **pinned(cpus))  # type: ignore[call-overload]  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         yield ModelServerProcess(proc, f"http://127.0.0.1:{port}")
@@ -82,7 +121,7 @@ def model_server(model: Path, name: str, quiet: bool = True) -> Iterator[ModelSe
 @contextlib.contextmanager
 def sidecar(
     upstream: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
-    quiet: bool = True,
+    quiet: bool = True, cpus: CPUs = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:  # fmt: skip
     """The sidecar container as a local process in front of ``upstream``; yields it and its port."""
     port = port or free_port()
@@ -90,7 +129,7 @@ def sidecar(
     proc = subprocess.Popen(
         [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", upstream, "--host", "127.0.0.1",
          "--port", str(port), "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
-        env=_env(redis_url), **output)  # type: ignore[call-overload]  # fmt: skip
+        env=_env(redis_url, cpus), **output, **pinned(cpus))  # type: ignore[call-overload]  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         yield proc, port
@@ -101,10 +140,10 @@ def sidecar(
 @contextlib.contextmanager
 def serving_stack(
     model: Path, name: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
-    quiet: bool = True,
+    quiet: bool = True, cpus: CPUs = None,
 ) -> Iterator[str]:  # fmt: skip
     """A pod's two containers as local processes: the model server and, in front, the sidecar with this
-    batching (and a cache when ``redis_url`` is set). Yields the infer URL; stops both after."""
-    with model_server(model, name, quiet) as server, sidecar(server.url, max_batch, max_wait_ms, port, redis_url,
-                                                              quiet) as (_, front):  # fmt: skip
+    batching (and a cache when ``redis_url`` is set), both on ``cpus``. Yields the infer URL; stops both after."""
+    with model_server(model, name, quiet, cpus) as server, sidecar(server.url, max_batch, max_wait_ms, port,
+                                                                    redis_url, quiet, cpus) as (_, front):  # fmt: skip
         yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"

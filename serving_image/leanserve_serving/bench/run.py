@@ -20,6 +20,7 @@ from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.stack import measure_stack, v2_body
 from leanserve_serving.bench.variants import build_variants
 from leanserve_serving.fetch import sha256_of
+from leanserve_serving.local import running_on
 from leanserve_serving.model_server import cpu_limit, spec_of
 from leanserve_serving.profile import Profile, VariantProfile
 
@@ -42,6 +43,10 @@ class BenchOptions:
     seconds_per_point: float = 0.3
     stack_seconds: float = 0.6
     """Load per batch size when timing the whole serving stack (bench.stack); 0 skips the stack."""
+    cpus: frozenset[int] | None = None
+    """Run the model (and the stack) on these CPUs only, as a pod with that many CPUs; None: all."""
+    client_cpus: frozenset[int] | None = None
+    """Where the stack run's client goes (see local.split_cpus); None: wherever the OS puts it."""
     gpu: bool | None = None
     """None: use the GPU when ONNX Runtime has the CUDA provider."""
     # model: an ONNX file, or a TorchScript file (.pt/.pth), exported to ONNX with a dynamic batch axis
@@ -82,7 +87,7 @@ def _load_fp32(model: Path, threads: int, gpu: bool) -> tuple[ort.InferenceSessi
 
 def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Profile:
     """Build, check and time every variant; return the Profile."""
-    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp, running_on(options.cpus):
         return _run(options, Path(tmp), progress)
 
 
@@ -123,7 +128,7 @@ def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
                 sizes = [p.batch_size for p in curve]
                 say = lambda m, n=built.name: progress(f"{n}: {m}")  # noqa: E731
                 figures = measure_stack(built.path, v2_body(data.inputs, specs), sizes, options.stack_seconds,
-                                        progress=say)  # fmt: skip
+                                        progress=say, cpus=options.cpus, client_cpus=options.client_cpus)  # fmt: skip
                 curve = [p.model_copy(update={"stack_ms": figures.batch_ms.get(p.batch_size)}) for p in curve]
                 stack_profile = figures.profile
             results.append(VariantProfile(

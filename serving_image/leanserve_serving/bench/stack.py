@@ -5,15 +5,16 @@ the sidecar (parse, check, batch, answer) and every batch the HTTP hop to the
 model server (encode, decode), on the same cores as the model. So for each batch
 size the bench starts the real stack (the same processes a pod runs) and loads it:
 
-- **batch time**: closed loop with twice as many connections as the batch size,
-  the sidecar's max batch at that size, so one full batch is always waiting while
-  the previous runs (as under heavy load). The time between batch completions is
+- **batch time**: closed loop with more than twice as many connections as the
+  batch size, the sidecar's max batch at that size, so one full batch is always
+  waiting while the previous runs (as under heavy load). The time between batch completions is
   what one batch of that size holds the replica, front door included; its spread
   (each cycle over the mean) is the service-time jitter the planner draws from.
 - **latency outside the batch**: an open-loop trickle (Poisson, no batching),
-  where no request waits for another: each latency minus the batch time of one
-  row is what a request spends outside the replica's serial path (client socket,
-  parse, wake-ups). Kept as quantiles; the planner adds a draw to every request.
+  where no request waits for another: each latency (from its send) minus the
+  batch time of one row is what a request spends outside the replica's serial
+  path (sockets, parsing, wake-ups). Kept as quantiles; the planner adds a draw
+  to every request.
 
 The client is a raw HTTP/1.1 keep-alive loop over pre-encoded bytes (tens of
 microseconds a request), so it takes little of the CPU it measures. It runs on
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from leanserve_serving.local import model_server, sidecar
+from leanserve_serving.local import CPUs, model_server, running_on, sidecar
 from leanserve_serving.profile import STACK_LEVELS, StackProfile
 from leanserve_serving.tensors import TensorSpec
 
@@ -101,15 +102,19 @@ async def closed_loop(port: int, request: bytes, connections: int, seconds: floa
 
 
 async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed: int = 1) -> list[float]:
-    """Latencies (s) of Poisson arrivals at ``rate``, each from its scheduled time (no coordinated omission)."""
+    """Latencies (s) of Poisson arrivals at ``rate``, each from the moment it is sent.
+
+    From the send, not the scheduled arrival: at the trickle this runs, nothing waits for anything else, and
+    a late wake-up of this client's timer is the client's, not the stack's."""
     rng = np.random.default_rng(seed)
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     latencies: list[float] = []
 
-    async def one(scheduled: float) -> None:
+    async def one() -> None:
         conn = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
+        sent = time.perf_counter()
         await _exchange(*conn, request)
-        latencies.append(time.perf_counter() - scheduled)
+        latencies.append(time.perf_counter() - sent)
         idle.append(conn)
 
     tasks = []
@@ -119,7 +124,7 @@ async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(at)))
+        tasks.append(asyncio.create_task(one()))
         at += rng.exponential(1 / rate)
     await asyncio.gather(*tasks)
     for _, writer in idle:
@@ -150,17 +155,22 @@ def measure_stack(
     seconds: float = 0.6,
     trickle_seconds: float = 3.0,
     progress: Callable[[str], None] = lambda _: None,
+    cpus: CPUs = None,
+    client_cpus: CPUs = None,
 ) -> StackFigures:
-    """Batch time by batch size, its jitter, and the latency outside the batch, through the real stack."""
+    """Batch time by batch size, its jitter, and the latency outside the batch, through the real stack
+    (its processes on ``cpus``, this process's client on ``client_cpus``; None: wherever the OS puts them)."""
     name = "bench"
     path = f"/v2/models/{name}/infer"
     batch_ms: dict[int, float] = {}
     ratios: list[np.ndarray] = []
-    with model_server(model, name) as server:
+    with running_on(client_cpus), model_server(model, name, cpus=cpus) as server:
         for size in [b for b in batch_sizes if b <= MAX_STACK_BATCH]:
-            with sidecar(server.url, size, 50.0) as (_, port):
+            with sidecar(server.url, size, 50.0, cpus=cpus) as (_, port):
                 request = http_request(port, path, body)
-                done = asyncio.run(closed_loop(port, request, 2 * size, seconds + WARMUP_S, 24 * size))
+                # Twice the batch keeps a full batch waiting; a few more connections than that, as real traffic
+                # spreads over many (each costs the event loop a little).
+                done = asyncio.run(closed_loop(port, request, 2 * size + 8, seconds + WARMUP_S, 24 * size))
                 cycles = batch_cycles(done, size, WARMUP_S)
                 if len(cycles) < 5:
                     raise StackError(f"too few batches of {size} completed in {seconds:g} s")
@@ -168,7 +178,7 @@ def measure_stack(
                 ratios.append(cycles / cycles.mean())
                 rows_per_s = size / batch_ms[size] * 1000
                 progress(f"stack: batch {size}: {batch_ms[size]:.2f} ms a batch ({rows_per_s:.0f} rows/s)")
-        with sidecar(server.url, 1, 0.0) as (_, port):
+        with sidecar(server.url, 1, 0.0, cpus=cpus) as (_, port):
             request = http_request(port, path, body)
             single = batch_ms.get(1) or min(batch_ms.values())
             rate = min(50.0, 100.0 / single)  # about 10 % busy: nobody waits for anybody
