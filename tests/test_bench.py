@@ -16,7 +16,7 @@ from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
 from leanserve_serving.profile import TERMINATION_MESSAGE_LIMIT, LatencyPoint, Profile, VariantProfile
 from leanserve_serving.reference_models import ReferenceModel, make_tabular
 
-FAST = {"seconds_per_point": 0.02, "max_batch": 64}
+FAST = {"seconds_per_point": 0.02, "max_batch": 64, "stack_seconds": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,22 @@ def test_latency_curves_grow_batch_by_batch(profile):
         assert v.load_seconds > 0 and v.rss_mb > 0 and v.size_bytes > 0
 
 
+def test_the_serving_stack_is_timed_for_every_variant(profile):
+    """Real sidecar + model server processes: a batch through them costs more than the model alone, more rows
+    cost more, the jitter is a spread around 1, and a request's time outside the batch path is positive."""
+    for v in profile.variants:
+        if v.status != "ok":
+            continue
+        assert v.stack is not None
+        timed = [p for p in v.latency if p.stack_ms is not None]
+        assert [p.batch_size for p in timed] == [p.batch_size for p in v.latency if p.batch_size <= 128]
+        for p in timed:
+            assert p.stack_ms > p.batch_size / p.throughput_rps * 1000  # HTTP and JSON are not free
+        assert timed[-1].stack_ms > timed[0].stack_ms
+        assert v.stack.jitter == sorted(v.stack.jitter) and v.stack.jitter[0] <= 1.0 <= v.stack.jitter[-1]
+        assert v.stack.outside_ms == sorted(v.stack.outside_ms) and v.stack.outside_ms[-1] > 0
+
+
 def test_compact_profile_fits_a_termination_message_and_round_trips(profile):
     text = profile.to_compact()
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
@@ -73,6 +89,8 @@ def test_compact_profile_fits_a_termination_message_and_round_trips(profile):
     assert back.model_digest == profile.model_digest
     assert [v.name for v in back.variants] == [v.name for v in profile.variants]
     assert back.variant("fp32").quality == pytest.approx(profile.variant("fp32").quality, rel=1e-3)
+    assert back.variant("fp32").stack.outside_ms[-1] == pytest.approx(profile.variant("fp32").stack.outside_ms[-1],
+                                                                       rel=1e-2)  # fmt: skip
 
 
 def test_compact_profile_thins_long_curves_but_keeps_the_best_point(profile):
@@ -171,7 +189,7 @@ def test_cli_writes_full_and_compact_profiles(tabular, tmp_path):
     proc = subprocess.run(
         [exe, "bench", str(tabular.model), "--eval", str(tabular.evaluation), "--instance-type", "c6i.2xlarge",
          "--variants", "fp32,int8-dynamic", "--seconds-per-point", "0.02", "--max-batch", "16",
-         "--out", str(full), "--compact-out", str(compact)],
+         "--stack-seconds", "0.1", "--out", str(full), "--compact-out", str(compact)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from leanserve.api import InferenceDeployment
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
-from leanserve.planner.plan import PlanOptions, plan_deployment, traffic_shape
+from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve, traffic_shape
 from leanserve.planner.prices import load_prices
-from leanserve_serving.profile import Hardware, LatencyPoint, Profile, VariantProfile
+from leanserve_serving.profile import Hardware, LatencyPoint, Profile, StackProfile, VariantProfile
 
 PRICES = load_prices()
 FAST = PlanOptions(requests=1500)
@@ -81,6 +81,38 @@ def test_unbatched_simulation_agrees_with_md1(rho):
                        requests=200_000)  # fmt: skip
     expected = s_ms + rho * s_ms / (2 * (1 - rho))
     assert mean[0] == pytest.approx(expected, rel=0.05)
+
+
+def test_stack_figures_without_spread_reproduce_the_constant_model():
+    """A jitter of exactly 1 and a constant outside time give what constant service plus overhead gives."""
+    flat = ServiceCurve((1, 4, 16), (4.0, 6.0, 12.0))
+    measured = ServiceCurve((1, 4, 16), (4.0, 6.0, 12.0), jitter=(1.0,) * 15, outside_ms=(2.5,) * 15)
+    for policy in (Policy(1, 0), Policy(16, 5)):
+        a, ba = simulate([flat], [policy], np.array([150.0]), 95, overhead_ms=2.5)
+        b, bb = simulate([measured], [policy], np.array([150.0]), 95, overhead_ms=99.0)  # ignored: measured
+        assert b[0] == pytest.approx(a[0]) and bb[0] == pytest.approx(ba[0])
+
+
+def test_service_time_spread_lengthens_the_tail_and_costs_capacity():
+    """M/G/1 waits longer than M/D/1 at the same mean service time (Pollaczek-Khinchine)."""
+    flat = ServiceCurve((1, 2), (5.0, 9.0))
+    spread = ServiceCurve((1, 2), (5.0, 9.0), jitter=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.4,
+                                                      1.6, 1.8, 2.2), outside_ms=(0.0,) * 15)  # fmt: skip
+    p95, _ = simulate([flat, spread], [Policy(1, 0)] * 2, np.array([150.0, 150.0]), 95, requests=20_000)
+    assert p95[1] > 1.2 * p95[0]
+    rates = max_rate([flat, spread], [Policy(1, 0)] * 2, 95, 30, requests=5000, max_utilization=1.0)
+    assert rates[1] < rates[0]
+
+
+def test_service_curve_prefers_the_stack_and_extends_its_cost_beyond_the_stack_run():
+    points = [LatencyPoint(batch_size=b, p50_ms=b, p95_ms=b, p99_ms=b, throughput_rps=1000.0,
+                           stack_ms=(b + 2.0 if b <= 128 else None)) for b in (1, 2, 128, 256)]  # fmt: skip
+    v = VariantProfile(name="fp32", status="ok", quality=0.9, quality_drop=0.0, latency=points,
+                       stack=StackProfile(jitter=[1.0] * 15, outside_ms=[1.0] * 15))  # fmt: skip
+    curve = service_curve(v)
+    assert curve.mean_ms == (3.0, 4.0, 130.0, 258.0)  # 256 rows: the model's 256 ms + the stack's 2 ms at 128
+    assert curve.measured_stack
+    assert not service_curve(v.model_copy(update={"stack": None})).measured_stack
 
 
 def test_batching_raises_the_sustainable_rate_when_batches_are_cheap():
