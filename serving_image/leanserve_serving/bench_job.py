@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", dest="model_format", default="onnx", choices=["onnx", "pytorch"])
     parser.add_argument("--seconds-per-point", type=float, default=0.3, help="timing per batch size (default 0.3)")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch size tried (default 1024)")
-    parser.add_argument("--stack-seconds", type=float, default=0.6,
-                        help="load per batch size through the serving stack (default 0.6; 0 skips it)")
+    parser.add_argument(
+        "--stack-seconds",
+        type=float,
+        default=0.6,
+        help="load per batch size through the serving stack (default 0.6; 0 skips it)",
+    )
     parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     args = parser.parse_args(argv)
     try:

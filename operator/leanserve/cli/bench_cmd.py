@@ -22,8 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: the CPU limit)")
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--seconds-per-point", type=float, default=0.3, help="timing budget per batch size")
-    p.add_argument("--stack-seconds", type=float, default=0.6,
-                   help="load per batch size through the serving stack, sidecar + model server (0 skips it)")
+    p.add_argument(
+        "--stack-seconds",
+        type=float,
+        default=0.6,
+        help="load per batch size through the serving stack, sidecar + model server (0 skips it)",
+    )
     p.add_argument("--out", type=Path, help="write the full profile (JSON) here")
     p.add_argument("--compact-out", type=Path,
                    help="write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log")  # fmt: skip
