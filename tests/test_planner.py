@@ -20,7 +20,7 @@ from leanserve.api import InferenceDeployment
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
 from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve, traffic_shape
 from leanserve.planner.prices import load_prices
-from leanserve_serving.profile import Hardware, LatencyPoint, Profile, StackProfile, VariantProfile
+from leanserve_serving.profile import STACK_LEVELS, Hardware, LatencyPoint, Profile, StackProfile, VariantProfile
 
 PRICES = load_prices()
 FAST = PlanOptions(requests=1500)
@@ -94,12 +94,16 @@ def test_stack_figures_without_spread_reproduce_the_constant_model():
 
 
 def test_service_time_spread_lengthens_the_tail_and_costs_capacity():
-    """M/G/1 waits longer than M/D/1 at the same mean service time (Pollaczek-Khinchine)."""
+    """M/G/1 waits longer than M/D/1 at the same mean service time (Pollaczek-Khinchine: with exponential
+    service, twice as long in the queue)."""
     flat = ServiceCurve((1, 2), (5.0, 9.0))
-    spread = ServiceCurve((1, 2), (5.0, 9.0), jitter=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.4,
-                                                      1.6, 1.8, 2.2), outside_ms=(0.0,) * 15)  # fmt: skip
+    exponential = tuple(-math.log(1 - min(level, 99.9) / 100) for level in STACK_LEVELS)  # M/M/1's spread
+    spread = ServiceCurve((1, 2), (5.0, 9.0), jitter=exponential, outside_ms=(0.0,) * 15)
+    mean, _ = simulate([flat, spread], [Policy(1, 0)] * 2, np.array([150.0, 150.0]), None, requests=200_000)
+    assert mean[0] - 5.0 == pytest.approx(7.5, rel=0.1)  # M/D/1 wait at rho 0.75
+    assert mean[1] - 5.0 == pytest.approx(15.0, rel=0.15)  # M/M/1 wait
     p95, _ = simulate([flat, spread], [Policy(1, 0)] * 2, np.array([150.0, 150.0]), 95, requests=20_000)
-    assert p95[1] > 1.2 * p95[0]
+    assert p95[1] > 1.3 * p95[0]
     rates = max_rate([flat, spread], [Policy(1, 0)] * 2, 95, 30, requests=5000, max_utilization=1.0)
     assert rates[1] < rates[0]
 

@@ -59,6 +59,13 @@ def _draws(quantiles: tuple[float, ...], u: np.ndarray, default: float) -> np.nd
     return np.interp(u * 100.0, STACK_LEVELS, quantiles)
 
 
+def _multipliers(jitter: tuple[float, ...], u: np.ndarray) -> np.ndarray:
+    """Service-time multipliers drawn from ``jitter``, scaled to a mean of exactly 1 (the curve holds the mean;
+    interpolating between stored quantiles moves it a little)."""
+    m = _draws(jitter, u, 1.0)
+    return m / m.mean()
+
+
 @dataclass(frozen=True)
 class Policy:
     """Batching policy of the sidecar: ``max_batch`` 1 means no batching."""
@@ -104,14 +111,14 @@ def simulate(
         # form D_n = S_n + max_{j <= n} (a_j - S_{j-1}) (S_n: the services summed up to n) is a cumulative max.
         idx = np.flatnonzero(single)
         s_one = np.array([curves[c].at(np.array([1.0]))[0] for c in idx])[:, None] / 1000.0
-        service = s_one * np.stack([_draws(curves[c].jitter, u_service, 1.0) for c in idx])
+        service = s_one * np.stack([_multipliers(curves[c].jitter, u_service) for c in idx])
         arrivals = unit[None, :] / rates[idx][:, None]
         total = np.cumsum(service, axis=1)
         departures = total + np.maximum.accumulate(arrivals - (total - service), axis=1)
         latency[idx] = summarise(idx, departures - arrivals)
     batched = np.flatnonzero(~single)
     if batched.size:
-        jitter = np.stack([_draws(curves[c].jitter, u_service, 1.0) for c in batched])
+        jitter = np.stack([_multipliers(curves[c].jitter, u_service) for c in batched])
         lat_b, batch_b = _simulate_batches([curves[c] for c in batched], [policies[c] for c in batched],
                                            rates[batched], unit, requests, jitter)  # fmt: skip
         latency[batched] = summarise(batched, np.stack(lat_b))
