@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from leanserve_serving.bench.flags import add_timing_arguments, timing_options
 from leanserve_serving.fetch import FetchError, fetch_evaluation, fetch_model
 
 FAILED_PREFIX = "bench failed: "
@@ -32,8 +33,7 @@ def run(args: argparse.Namespace) -> str:
         evaluation = fetch_evaluation(args.evaluation, work)
         try:
             options = BenchOptions(model, evaluation, instance_type=args.instance_type, metric=args.metric,
-                                   seconds_per_point=args.seconds_per_point, max_batch=args.max_batch,
-                                   stack_seconds=args.stack_seconds)  # fmt: skip
+                                   **timing_options(args))  # fmt: skip
             profile = run_bench(options, progress=lambda m: print(m, flush=True))
         except BenchError as exc:
             raise FetchError(str(exc)) from None
@@ -48,14 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="accuracy", choices=["accuracy", "top1", "mse", "cosine"])
     parser.add_argument("--sha256", default=None)
     parser.add_argument("--format", dest="model_format", default="onnx", choices=["onnx", "pytorch"])
-    parser.add_argument("--seconds-per-point", type=float, default=0.3, help="timing per batch size (default 0.3)")
-    parser.add_argument("--max-batch", type=int, default=1024, help="largest batch size tried (default 1024)")
-    parser.add_argument(
-        "--stack-seconds",
-        type=float,
-        default=0.6,
-        help="load per batch size through the serving stack (default 0.6; 0 skips it)",
-    )
+    add_timing_arguments(parser)
     parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.table import Table
 
 from leanserve.cli.console import wide_console
+from leanserve_serving.bench.flags import add_timing_arguments, timing_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,14 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--instance-type", default="local", help="the instance type this machine stands for")
     p.add_argument("--variants", default="fp32,int8-dynamic,int8-static,fp16", help="comma-separated")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: the CPU limit)")
-    p.add_argument("--max-batch", type=int, default=1024)
-    p.add_argument("--seconds-per-point", type=float, default=0.3, help="timing budget per batch size")
-    p.add_argument(
-        "--stack-seconds",
-        type=float,
-        default=0.6,
-        help="load per batch size through the serving stack, sidecar + model server (0 skips it)",
-    )
+    add_timing_arguments(p)
     p.add_argument("--out", type=Path, help="write the full profile (JSON) here")
     p.add_argument("--compact-out", type=Path,
                    help="write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log")  # fmt: skip
@@ -46,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(
         model=args.model, evaluation=args.evaluation, instance_type=args.instance_type, metric=args.metric,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), threads=args.threads,
-        max_batch=args.max_batch, seconds_per_point=args.seconds_per_point, stack_seconds=args.stack_seconds,
+        **timing_options(args),
     )  # fmt: skip
     try:
         with console.status("profiling") as status:

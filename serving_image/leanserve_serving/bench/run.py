@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from leanserve_serving.bench import measure
+from leanserve_serving.bench import flags, measure
 from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_data, read_npz
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.stack import measure_stack, v2_body
@@ -39,9 +39,9 @@ class BenchOptions:
     metric: str = "accuracy"
     variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS)
     threads: int = 0
-    max_batch: int = 1024
-    seconds_per_point: float = 0.3
-    stack_seconds: float = 0.6
+    max_batch: int = flags.MAX_BATCH
+    seconds_per_point: float = flags.SECONDS_PER_POINT
+    stack_seconds: float = flags.STACK_SECONDS
     """Load per batch size when timing the whole serving stack (bench.stack); 0 skips the stack."""
     cpus: frozenset[int] | None = None
     """Run the model (and the stack) on these CPUs only, as a pod with that many CPUs; None: all."""
