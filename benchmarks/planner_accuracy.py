@@ -79,7 +79,7 @@ def measure_model(name: str, make, work: Path, seconds: float) -> dict[str, obje
         return float(lat[0])
 
     [built] = build_variants(ref.model, read_npz(ref.evaluation), work / name, False, [w.variant])
-    body = request_body(ref.evaluation, work / name / "request.json")
+    body = request_body(ref.model, ref.evaluation, work / name / "request.json")
     runs: list[dict[str, float]] = []
     print(f"[{name}] plan {w.label()}: predicted max {predicted_max:.0f} req/s at the SLA, planned "
           f"{w.capacity_rps:.0f} req/s per replica; loading ...", file=sys.stderr)  # fmt: skip

@@ -101,11 +101,16 @@ def load_test(url: str, body: Path, rate: float, seconds: float, cpus: CPUs = No
     return LoadResult(rate, rps, pct(50), pct(95), pct(99), (total - codes.get(200, 0)) / total)
 
 
-def request_body(evaluation: Path, path: Path) -> Path:
-    """A v2 request made of the first evaluation row, written where hey can read it."""
-    inputs = [{"name": k, "datatype": "INT64" if a.dtype.kind == "i" else "FP32", "shape": [1, *a.shape[1:]],
-               "data": a[:1].ravel().tolist()} for k, a in read_npz(evaluation).inputs.items()]  # fmt: skip
-    path.write_text(json.dumps({"inputs": inputs}))
+def request_body(model: Path, evaluation: Path, path: Path) -> Path:
+    """A v2 request made of the first evaluation row, typed as ``model`` declares its inputs (the bench's
+    stack run sends the same), written where the load generator reads it."""
+    import onnxruntime as ort
+
+    from leanserve_serving.bench.stack import v2_body
+    from leanserve_serving.model_server import spec_of
+
+    specs = [spec_of(i) for i in ort.InferenceSession(str(model)).get_inputs()]
+    path.write_bytes(v2_body(read_npz(evaluation).inputs, specs))
     return path
 
 
@@ -159,7 +164,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     [built] = build_variants(ref.model, read_npz(ref.evaluation), variant_dir, False, [w.variant])
     say("    cache: off for the load test (it measures the model path the replicas are sized for; "
         "hits would flatter it)")  # fmt: skip
-    body = request_body(ref.evaluation, work / "request.json")
+    body = request_body(ref.model, ref.evaluation, work / "request.json")
     # The rate one replica carries at the daily peak under this plan (model traffic, after cache hits).
     rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
