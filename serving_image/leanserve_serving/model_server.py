@@ -69,6 +69,10 @@ class LoadedModel:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds the CUDA and cuDNN libraries of the nvidia-* wheels (the GPU
+            # image has no system CUDA) only when asked to load them.
+            ort.preload_dlls(directory="")
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.threads or cpu_limit()
         options.inter_op_num_threads = 1

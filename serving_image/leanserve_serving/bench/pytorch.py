@@ -32,7 +32,12 @@ def export_to_onnx(path: Path, samples: dict[str, np.ndarray], out: Path) -> Pat
     try:
         import torch
     except ImportError as exc:
-        raise PyTorchModelError("PyTorch models need the torch extra (pip install 'leanserve[torch]')") from exc
+        raise PyTorchModelError(
+            "PyTorch models need torch, which is not installed here (the leanserve serving images leave it "
+            "out: PyPI's build with its CUDA libraries is over 3 GB for one export). Export the model to ONNX "
+            "(torch.onnx.export) and set format: onnx, or run leanserve bench where the torch extra is installed "
+            "(pip install 'leanserve[torch]')"
+        ) from exc
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError and friends for non-TorchScript files
