@@ -134,13 +134,7 @@ def ensure_bases(force: bool) -> tuple[str, str, str]:
     build_ref = f"localhost/leanserve/python-build:{stamp}"
     runtime_ref = f"localhost/leanserve/python-runtime:{stamp}"
     out = CACHE / "base" / stamp
-    have = (
-        subprocess.run(
-            ["buildah", "inspect", "--type", "image", runtime_ref], capture_output=True, env=_buildah_env()
-        ).returncode
-        == 0
-        and (out / "python-version").exists()
-    )
+    have = _has_image(runtime_ref) and _has_image(build_ref) and (out / "python-version").exists()
     if have and not force:
         log(f"base images: cached ({stamp})")
     else:
@@ -148,21 +142,20 @@ def ensure_bases(force: bool) -> tuple[str, str, str]:
         if force or not (out / "runtime.tar").exists():
             _rootfs(out)
         for flavour, ref in (("build", build_ref), ("runtime", runtime_ref)):
-            buildah(
-                "bud",
-                "--quiet",
-                "--layers=false",
-                "-f",
-                str(HERE / "Dockerfile.base"),
-                "--build-arg",
-                f"ROOTFS={flavour}.tar",
-                "-t",
-                ref,
-                str(out),
-            )
+            recipe = ["-f", str(HERE / "Dockerfile.base"), "--build-arg", f"ROOTFS={flavour}.tar"]
+            buildah("bud", "--quiet", "--layers=false", *recipe, "-t", ref, str(out))
         log(f"base images: built in {time.monotonic() - start:.0f} s ({stamp})")
         _prune_bases(stamp)
     return build_ref, runtime_ref, (out / "python-version").read_text().strip()
+
+
+def _has_image(ref: str) -> bool:
+    return (
+        subprocess.run(
+            ["buildah", "inspect", "--type", "image", ref], capture_output=True, env=_buildah_env()
+        ).returncode
+        == 0
+    )
 
 
 def _prune_bases(stamp: str) -> None:
@@ -382,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = CACHE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"images": {}}
     total = time.monotonic()
+    buildah("rm", "--all")  # working containers a failed build left in our storage
     bases = ensure_bases(args.force)
     for name in names:
         manifest["images"][name] = build_image(
