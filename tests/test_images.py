@@ -288,6 +288,14 @@ def test_the_operator_image_reports_its_version_and_validates_examples(container
         mounts=[(str(examples), "/examples", True)],
     )
     assert res.code == 0 and "valid" in res.out, res.out
+    # The serving image has no rich (the CLI's tables): validating still works there.
+    res = containerd.run(
+        serving_ref(images),
+        "serving-validate",
+        ["leanserve", "validate", "/examples/tabular-fraud-cpu.yaml"],
+        mounts=[(str(examples), "/examples", True)],
+    )
+    assert res.code == 0 and "valid" in res.out, res.out
     bad = yaml.safe_load((examples / "tabular-fraud-cpu.yaml").read_text())
     bad["spec"]["model"]["uri"] = "s3://models/fraud.onnx"
     folder = world_readable(Path(subprocess.check_output(["mktemp", "-d"], text=True).strip()))

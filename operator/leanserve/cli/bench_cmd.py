@@ -7,9 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from rich.table import Table
-
-from leanserve.cli.console import wide_console
 from leanserve_serving.bench.flags import add_timing_arguments, timing_options
 
 
@@ -33,6 +30,9 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.table import Table  # the tables need the operator extra; --version and validate do not
+
+    from leanserve.cli.console import wide_console
     from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
     from leanserve_serving.profile import summary_rows
 

@@ -12,11 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.table import Table
-
 from leanserve.api.resource import InferenceDeployment
 from leanserve.api.validation import validate_file
-from leanserve.cli.console import wide_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +48,10 @@ def _row(d: InferenceDeployment) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.table import Table  # the tables need the operator extra; --version and validate do not
+
+    from leanserve.cli.console import wide_console
+
     console = wide_console()
     files = sorted(args.examples.glob("*.yaml"))
     if not files:

@@ -6,10 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.table import Table
-
 from leanserve.api.validation import validate_file
-from leanserve.cli.console import wide_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.table import Table  # the tables need the operator extra; --version and validate do not
+
+    from leanserve.cli.console import wide_console
     from leanserve.planner.plan import PlanOptions, plan_deployment
     from leanserve.planner.prices import load_prices
     from leanserve.planner.report import write_report
