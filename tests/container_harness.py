@@ -8,17 +8,18 @@ tests pick). Stopping it kills every task it started, removes the containers and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,19 +38,23 @@ def built_images() -> dict[str, dict[str, Any]]:
     return json.loads(Path(res.stdout.strip().splitlines()[-1]).read_text())["images"]
 
 
+def _load_image_build() -> ModuleType:
+    """hack/images/build.py, the one reader of the OCI archives it writes."""
+    spec = importlib.util.spec_from_file_location("leanserve_image_build", REPO / "hack" / "images" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+image_build = _load_image_build()
+
+
 def image_config(archive: Path) -> dict[str, Any]:
     """The OCI image configuration inside an archive (user, labels, entrypoint, env)."""
-    with tarfile.open(archive) as tar:
-
-        def blob(digest: str) -> Any:
-            member = tar.extractfile("blobs/" + digest.replace(":", "/"))
-            assert member is not None
-            return json.load(member)
-
-        index = tar.extractfile("index.json")
-        assert index is not None
-        manifest = blob(json.load(index)["manifests"][0]["digest"])
-        return blob(manifest["config"]["digest"])
+    with image_build.open_archive(archive) as (_, manifest, blob):
+        return json.load(blob(manifest["config"]["digest"]))
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,13 @@ class Containerd:
             time.sleep(0.2)
         raise RuntimeError("containerd did not answer on its socket in time")
 
+    @property
+    def _ctr(self) -> list[str]:
+        return ["ctr", "--address", self.address, "--namespace", NAMESPACE]
+
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> Result:
         res = subprocess.run(
-            ["ctr", "--address", self.address, "--namespace", NAMESPACE, *args],
+            [*self._ctr, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -147,7 +156,7 @@ class Containerd:
         """Start a long-running container (a server); stop it with :meth:`remove`."""
         args = self._run_args(image, name, command, RunOptions(**options), remove=False)
         return subprocess.Popen(
-            ["ctr", "--address", self.address, "--namespace", NAMESPACE, *args],
+            [*self._ctr, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

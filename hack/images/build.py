@@ -28,9 +28,11 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -150,12 +152,8 @@ def ensure_bases(force: bool) -> tuple[str, str, str]:
 
 
 def _has_image(ref: str) -> bool:
-    return (
-        subprocess.run(
-            ["buildah", "inspect", "--type", "image", ref], capture_output=True, env=_buildah_env()
-        ).returncode
-        == 0
-    )
+    inspect = ["buildah", "inspect", "--type", "image", ref]
+    return subprocess.run(inspect, capture_output=True, env=_buildah_env()).returncode == 0
 
 
 def _prune_bases(stamp: str) -> None:
@@ -220,36 +218,17 @@ def wheelhouse(spec: ImageSpec, build_ref: str, python_version: str, wheel: Path
     run([*pip, "--python-version", python_version, "-c", str(CONSTRAINTS), *reqs], cwd=house)
     if spec.no_deps:
         run([*pip, "--no-deps", *spec.no_deps], cwd=house)
+    # The build base's pip, with the host's CA bundle and index (a proxy may stand between).
+    ca = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt")
+    mounts = ["-v", f"{house}:/wheels"] + (["-v", f"{ca}:/etc/leanserve-build-ca.crt:ro"] if ca.exists() else [])
+    pip_args = ["--quiet", "--no-cache-dir", "--only-binary=:all:", "--find-links", "/wheels", "-d", "/wheels"]
+    pip_args += ["-c", "/wheels/constraints.txt"] + (["--cert", "/etc/leanserve-build-ca.crt"] if ca.exists() else [])
+    if os.environ.get("PIP_INDEX_URL"):
+        pip_args.append(f"--index-url={os.environ['PIP_INDEX_URL']}")
+    pip_args += [r.replace(f"./{wheel.name}", f"/wheels/{wheel.name}") for r in reqs]
     ctr = buildah("from", "--pull-never", "--quiet", build_ref).stdout.strip()
     try:
-        ca = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
-        mounts = ["-v", f"{house}:/wheels"] + (
-            ["-v", f"{ca}:/etc/leanserve-build-ca.crt:ro"] if Path(ca).exists() else []
-        )
-        index = [f"--index-url={os.environ['PIP_INDEX_URL']}"] if os.environ.get("PIP_INDEX_URL") else []
-        cert = ["--cert", "/etc/leanserve-build-ca.crt"] if Path(ca).exists() else []
-        buildah(
-            "run",
-            *mounts,
-            ctr,
-            "--",
-            "python3",
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-cache-dir",
-            "--only-binary=:all:",
-            "--find-links",
-            "/wheels",
-            "-d",
-            "/wheels",
-            "-c",
-            "/wheels/constraints.txt",
-            *cert,
-            *index,
-            *[r.replace(f"./{wheel.name}", f"/wheels/{wheel.name}") for r in reqs],
-        )
+        buildah("run", *mounts, ctr, "--", "python3", "-m", "pip", "download", *pip_args)
     finally:
         buildah("rm", ctr)
     done.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -271,30 +250,35 @@ def git_revision() -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def archive_facts(archive: Path) -> tuple[str, int]:
-    """The image manifest's digest, as the OCI archive's index names it, and the layers' size
-    uncompressed (what the image takes unpacked on a node; the archive's layers are gzipped)."""
+@contextmanager
+def open_archive(archive: Path) -> Iterator[tuple[str, dict[str, Any], Callable[[str], IO[bytes]]]]:
+    """An OCI archive's image manifest: its digest, the manifest itself, and a reader of blobs by digest."""
     with tarfile.open(archive) as tar:
 
-        def blob(digest: str) -> IO[bytes]:
-            member = tar.extractfile("blobs/" + digest.replace(":", "/"))
-            assert member is not None
-            return member
+        def member(name: str) -> IO[bytes]:
+            found = tar.extractfile(name)
+            if found is None:
+                raise ValueError(f"{archive}: no file {name}")
+            return found
 
-        digest = json.load(blob_index(tar))["manifests"][0]["digest"]
+        def blob(digest: str) -> IO[bytes]:
+            return member("blobs/" + digest.replace(":", "/"))
+
+        digest = json.load(member("index.json"))["manifests"][0]["digest"]
+        yield digest, json.load(blob(digest)), blob
+
+
+def archive_facts(archive: Path) -> tuple[str, int]:
+    """The image manifest's digest and the layers' size uncompressed (what the image takes
+    unpacked on a node; the archive's layers are gzipped)."""
+    with open_archive(archive) as (digest, manifest, blob):
         size = 0
-        for layer in json.load(blob(digest))["layers"]:
+        for layer in manifest["layers"]:
             stream = blob(layer["digest"])
             reader = gzip.GzipFile(fileobj=stream) if layer["mediaType"].endswith("gzip") else stream
             while chunk := reader.read(1 << 20):
                 size += len(chunk)
         return digest, size
-
-
-def blob_index(tar: tarfile.TarFile) -> IO[bytes]:
-    member = tar.extractfile("index.json")
-    assert member is not None
-    return member
 
 
 def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, force: bool, old: dict) -> dict:
