@@ -267,3 +267,37 @@ def test_regression_and_embedding_metrics():
     value, drop = quality("cosine", np.array([[1.0, 0.0], [1.0, 1.0]]), None, vectors)
     assert value == pytest.approx((1 + 2**-0.5) / 2)
     assert drop == pytest.approx(1 - value)
+
+
+def test_the_closed_loop_runs_its_time_after_a_slow_first_reply():
+    """Opening many connections and a first full batch can outlast a short run: the run is timed from the first
+    reply, so the window after the warm-up cut (which starts at the first reply) is never empty."""
+    import asyncio
+    import time
+
+    from leanserve_serving.bench.stack import closed_loop
+
+    async def scenario() -> list[float]:
+        first = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):
+                    if not first.is_set():
+                        await asyncio.sleep(0.5)  # the slow start
+                        first.set()
+                    await first.wait()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await closed_loop(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 4, 0.3)
+
+    start = time.perf_counter()
+    done = asyncio.run(scenario())
+    assert done[0] - start >= 0.5
+    assert max(done) - min(done) >= 0.3 - 0.02  # the whole run after the first reply, not what the start left
