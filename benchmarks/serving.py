@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from leanserve_serving.cpus import cpu_limit  # noqa: E402
 from tests.onnx_models import make_mlp  # noqa: E402
 from tests.serving_harness import Process, metric, mlp_request, model_server, sidecar, start_redis  # noqa: E402
 
@@ -154,8 +155,8 @@ def main() -> None:
             # The same shape of model, ~16x the compute per row: where batching is expected to pay.
             run_model("mlp_wide", (64, 2048, 2048, 2), work, args.seconds, args.concurrency),
         ]
-    print(f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, {os.cpu_count()} CPUs "
-          "shared by the load generator and the servers\n")  # fmt: skip
+    print(f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, {cpu_limit()} CPUs "
+          "(the quota, else the cores in sight) shared by the load generator and the servers\n")  # fmt: skip
     head = f"{'model':<9} {'setup':<9} {'ORT threads':<23} {'req/s':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'cpu/req':>8}"
     print(head + "  notes")
     for r in results:

@@ -118,7 +118,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     """Run every step; return the figures (also printed by the caller as one JSON line)."""
     from leanserve_serving.bench.run import BenchOptions, run_bench
     from leanserve_serving.bench.variants import build_variants
-    from leanserve_serving.model_server import cpu_limit
+    from leanserve_serving.cpus import cpu_limit
     from leanserve_serving.reference_models import make_text_classifier
 
     started = time.monotonic()

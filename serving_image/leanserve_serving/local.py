@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leanserve_serving.model_server import cpu_limit
+from leanserve_serving.cpus import cpu_limit
 
 #: Batches in flight between the sidecar and the model server. One: the model server runs one batch at a
 #: time on every core, so a second one in flight only waits there; the planner models this as one server.

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from leanserve_serving import __version__
 from leanserve_serving.config import ModelServerConfig
+from leanserve_serving.cpus import cpu_limit
 from leanserve_serving.http import json_response, metrics_handler, protocol_errors, serve_main
 from leanserve_serving.tensors import (
     ORT_TYPES,
@@ -39,17 +38,6 @@ from leanserve_serving.tensors import (
 log = logging.getLogger("leanserve.model_server")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def cpu_limit() -> int:
-    """CPUs this container may use: the cgroup v2 quota when set, else the CPUs the process may run on."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def spec_of(node: Any) -> TensorSpec:

@@ -19,9 +19,10 @@ from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
 from leanserve_serving.bench.stack import measure_stack, v2_body
 from leanserve_serving.bench.variants import build_variants
+from leanserve_serving.cpus import cpu_limit
 from leanserve_serving.fetch import sha256_of
 from leanserve_serving.local import running_on
-from leanserve_serving.model_server import cpu_limit, spec_of
+from leanserve_serving.model_server import spec_of
 from leanserve_serving.profile import Profile, VariantProfile
 
 DEFAULT_VARIANTS = ["fp32", "int8-dynamic", "int8-static", "fp16"]
