@@ -67,7 +67,7 @@ system-deps-images:
 # The serving, operator and serving-gpu images, built with buildah from the Dockerfiles on bases
 # made from Debian packages; OCI archives and manifest.json in .cache/images/, rebuilt only when
 # their inputs change (hack/images/build.py). IMAGES=serving,operator leaves the GPU one out.
-IMAGES ?= serving,operator,serving-gpu
+IMAGES ?= serving,operator,serving-gpu,redis
 images: system-deps-images $(BIN)/.installed
 	@$(BIN)/python hack/images/build.py --images $(IMAGES)
 

@@ -5,21 +5,25 @@
 #   hey           - the HTTP load generator of benchmarks/serving.py
 #   buildah, debootstrap, binutils - build the images without a Docker engine (make images)
 #   containerd, runc - run them in the container tests (a containerd of the suite's own)
+#   podman, netavark, aardvark-dns, gcc, libc6-dev - the kind cluster of the end-to-end tests (podman is kind's provider
+#              where no Docker engine runs; gcc compiles Kubernetes' pause.c)
 #   go       - builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
 #              kwok and helm from the Go module proxy (go 1.24 or newer; Debian's
 #              golang package is older, so it is checked, not installed)
 #
-# Usage: install-system-deps.sh [--with-go] [--with-images]
+# Usage: install-system-deps.sh [--with-go] [--with-images] [--with-kind]
 #   --with-go      also check the Go toolchain (make test needs it)
 #   --with-images  also install what builds and runs the images (make images, make test)
+#   --with-kind    also install what builds and runs the kind cluster (make kind-up, make test)
 set -euo pipefail
 
-with_go=0; with_images=0
+with_go=0; with_images=0; with_kind=0
 for arg in "$@"; do
   case "$arg" in
     --with-go) with_go=1 ;;
     --with-images) with_images=1 ;;
-    *) echo "usage: install-system-deps.sh [--with-go] [--with-images]" >&2; exit 2 ;;
+    --with-kind) with_kind=1; with_images=1 ;;
+    *) echo "usage: install-system-deps.sh [--with-go] [--with-images] [--with-kind]" >&2; exit 2 ;;
   esac
 done
 
@@ -33,6 +37,16 @@ if [ "$with_images" = 1 ]; then
   command -v strip >/dev/null 2>&1 || need_apt+=(binutils)
   command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)
   command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+fi
+if [ "$with_kind" = 1 ]; then
+  if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then
+    command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+    # netavark + aardvark-dns: container networks with DNS (kind's nodes join by name)
+    [ -x /usr/lib/podman/netavark ] || need_apt+=(netavark)
+    [ -x /usr/lib/podman/aardvark-dns ] || need_apt+=(aardvark-dns)
+  fi
+  command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+  [ -e /usr/include/stdio.h ] || need_apt+=(libc6-dev)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
