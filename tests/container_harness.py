@@ -29,7 +29,7 @@ NAMESPACE = "leanserve-test"
 def built_images() -> dict[str, dict[str, Any]]:
     """The manifest of `make images`, building what is missing or stale first (cached: seconds)."""
     res = subprocess.run(
-        [sys.executable, str(REPO / "hack" / "images" / "build.py"), "--images", "serving,operator,serving-gpu"],
+        [sys.executable, str(REPO / "hack" / "images" / "build.py"), "--images", ",".join(image_build.IMAGES)],
         capture_output=True,
         text=True,
     )
@@ -78,7 +78,11 @@ class Containerd:
 
     base: Path
     process: subprocess.Popen[bytes] | None = None
+    #: The archives of the images a test may run, by reference: each is imported the first
+    #: time a container of it runs (a test of one image waits for no other's import).
+    archives: dict[str, Path] = field(default_factory=dict)
     _ids: list[str] = field(default_factory=list)
+    _imported: set[str] = field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -129,7 +133,16 @@ class Containerd:
         self.ctr("images", "import", str(archive))
         return self.ctr("images", "ls", "-q").out.split()
 
+    def _import_once(self, image: str) -> None:
+        if image in self._imported or image not in self.archives:
+            return
+        names = self.import_archive(self.archives[image])
+        if image not in names:
+            raise RuntimeError(f"{image} not among the images imported from {self.archives[image]}: {names}")
+        self._imported.add(image)
+
     def _run_args(self, image: str, name: str, command: Sequence[str], options: RunOptions, remove: bool) -> list[str]:
+        self._import_once(image)
         args = ["run", "--net-host", *(["--rm"] if remove else [])]
         if options.read_only:
             args.append("--read-only")

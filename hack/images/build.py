@@ -3,15 +3,18 @@
 
 Each image is its Dockerfile, built by ``buildah bud`` over two bases made here from Debian
 packages (``rootfs.sh``: debootstrap of bookworm) and a context whose ``wheels/`` folder holds
-the pinned wheels of requirements/constraints.txt and leanserve's own wheel. The results are OCI
-archives under .cache/images/ and a manifest (name, tag, digest, size) beside them.
+the pinned wheels of requirements/constraints.txt and leanserve's own wheel. The Redis image
+(the managed response cache) has no wheels: its context is its own folder, redis_image/, and
+its build stage installs Debian's redis-server on the build base. The results are OCI archives
+under .cache/images/ and a manifest (name, tag, digest, size) beside them.
 
 Everything is rebuilt only when its inputs change: the bases when their recipe does, the
 wheelhouse when the pins or the extras do, an image when its Dockerfile, its bases, its wheels
-or leanserve's sources do. buildah keeps its images in a storage of its own under
-.cache/images/storage (never the machine's), so nothing here touches other containers.
+or leanserve's sources do (the Redis image: its Dockerfile, its folder and its bases).
+buildah keeps its images in a storage of its own under .cache/images/storage (never the
+machine's), so nothing here touches other containers.
 
-    build.py [--images serving,operator,serving-gpu] [--force]   # prints the manifest's path last
+    build.py [--images serving,operator,serving-gpu,redis] [--force]   # prints the manifest's path last
 
 Needs root, buildah and debootstrap (scripts/install-system-deps.sh --with-images installs them).
 """
@@ -50,7 +53,8 @@ SOURCES = ("pyproject.toml", "operator/leanserve", "serving_image/leanserve_serv
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image: its Dockerfile and the requirements its wheelhouse must satisfy."""
+    """One image: its Dockerfile and the requirements its wheelhouse must satisfy (or, with no
+    requirements, the repository folder that is its whole context)."""
 
     name: str
     dockerfile: str
@@ -60,6 +64,14 @@ class ImageSpec:
     no_deps: tuple[str, ...] = ()
     #: --build-arg values (the serving Dockerfile builds both flavours).
     build_args: tuple[tuple[str, str], ...] = ()
+    #: The context of an image without wheels: a folder of the repository, used as it is.
+    context: str = ""
+
+    def input_paths(self) -> list[Path]:
+        """What the image is built from, besides its bases and build.py."""
+        if not self.requirements:
+            return [REPO / self.dockerfile, REPO / self.context]
+        return [REPO / self.dockerfile, CONSTRAINTS, *(REPO / s for s in SOURCES)]
 
 
 def _weights_pin() -> str:
@@ -80,6 +92,7 @@ IMAGES = {
         (_weights_pin(),),
         (("EXTRAS", "gpu,semantic"), ("TITLE", "leanserve-serving-gpu")),
     ),
+    "redis": ImageSpec("redis", "redis_image/Dockerfile", (), context="redis_image"),
 }
 
 
@@ -243,7 +256,7 @@ def git_revision() -> str:
     """The commit the sources are at, with -dirty when the image's inputs differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        paths = [*SOURCES, "requirements", "hack/images", "serving_image", "operator/Dockerfile"]
+        paths = [*SOURCES, "requirements", "hack/images", "serving_image", "operator/Dockerfile", "redis_image"]
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -281,30 +294,30 @@ def archive_facts(archive: Path) -> tuple[str, int]:
         return digest, size
 
 
+def wheel_context(spec: ImageSpec, build_ref: str, python_version: str) -> Path:
+    """A build context whose wheels/ is the image's wheelhouse (hard links, nothing copied)."""
+    ctx = CACHE / "context" / spec.name
+    shutil.rmtree(ctx, ignore_errors=True)
+    ctx.mkdir(parents=True)
+    wheel = project_wheel(CACHE / "dist")
+    house = wheelhouse(spec, build_ref, python_version, wheel)
+    shutil.copytree(house, ctx / "wheels", copy_function=os.link)
+    return ctx
+
+
 def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, force: bool, old: dict) -> dict:
     """Build one image unless an archive built from the same inputs exists; return its manifest entry."""
     build_ref, runtime_ref, python_version = bases
     ref = f"{REGISTRY}/{spec.name}:{version}"
     archive = CACHE / f"{spec.name}-{version}.oci.tar"
     inputs = hashlib.sha256(
-        (
-            sha256_files([REPO / spec.dockerfile, HERE / "build.py", CONSTRAINTS, *(REPO / s for s in SOURCES)])
-            + build_ref
-            + runtime_ref
-            + repr(spec)
-        ).encode()
+        (sha256_files([*spec.input_paths(), HERE / "build.py"]) + build_ref + runtime_ref + repr(spec)).encode()
     ).hexdigest()[:16]
     if not force and old.get("inputs") == inputs and archive.exists():
         log(f"{ref}: cached ({old['size_mb']} MB, built in {old['build_seconds']} s)")
         return old
     start = time.monotonic()
-    ctx = CACHE / "context" / spec.name
-    shutil.rmtree(ctx, ignore_errors=True)
-    ctx.mkdir(parents=True)
-    wheel = project_wheel(CACHE / "dist")
-    house = wheelhouse(spec, build_ref, python_version, wheel)
-    # The context's wheels/ is the wheelhouse itself (hard links, nothing copied).
-    shutil.copytree(house, ctx / "wheels", copy_function=os.link)
+    ctx = REPO / spec.context if spec.context else wheel_context(spec, build_ref, python_version)
     revision = git_revision()
     log(f"{ref}: building ...")
     build_args = {
@@ -322,7 +335,7 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
     info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
     digest, size = archive_facts(archive)
     buildah("rmi", "--prune")  # the build stage's image and what the tag replaced
-    # The context stays (hard links into the wheelhouse): `docker build` can use it as it is.
+    # A wheel context stays (hard links into the wheelhouse): `docker build` can use it as it is.
     entry = {
         "name": f"{REGISTRY}/{spec.name}",
         "tag": version,
