@@ -186,3 +186,13 @@ def test_a_profiling_job_is_named_once_per_type_and_sized_like_the_serving_pod()
     assert bench["command"][:3] == ["python", "-m", "leanserve_serving.bench_job"]
     with pytest.raises(ValueError, match="needs model"):
         render_profiling_job(OWNER, spec(model={"uri": "https://m.example.com/m.onnx"}), CPU, BuildSettings(), "k")
+
+
+def test_a_profiling_job_stops_at_the_specs_deadline():
+    from leanserve.controller.builders import render_profiling_job
+
+    default = render_profiling_job(OWNER, spec(), CPU, BuildSettings(), "k")["spec"]
+    assert default["activeDeadlineSeconds"] == 1800
+    short = spec(profiling={"unschedulableTimeoutSeconds": 30, "deadlineSeconds": 240, "retries": 1})
+    job = render_profiling_job(OWNER, short, GPU, BuildSettings(), "k")["spec"]
+    assert (job["activeDeadlineSeconds"], job["backoffLimit"]) == (240, 1)

@@ -21,9 +21,12 @@ import pytest
 from kubernetes import client
 
 from leanserve.api.resource import GROUP, PLURAL, VERSION
+from leanserve.api.spec import ModelSpec
+from leanserve.controller import profile_store
 from leanserve.controller.builders import OWNER_LABEL
 from leanserve_serving.reference_models import ReferenceModel, make_tabular
 from tests.conftest import REPO, controlplane
+from tests.stand_in_profiles import measured_here, stand_in
 from tests.test_cluster_api import wait_for
 from tests.test_operator import condition, create, custom, owned, read, wait_phase
 
@@ -178,6 +181,35 @@ def test_a_failing_bench_is_retried_then_reported(kube, operator, namespace, mod
     (row,) = obj["status"]["profiling"]
     assert row["state"] == "Failed" and "cannot run on the evaluation data" in row["reason"]
     assert "profiling failed after 2 attempt(s)" in condition(obj, "Planned")["message"]
+
+
+def test_a_bench_that_never_finishes_is_stopped_at_the_deadline_and_its_type_left_out(kube, operator, namespace, model):
+    """The real Job controller stops the Job at activeDeadlineSeconds; the plan goes ahead without that type.
+
+    c6i's profile is cached (a stand-in), so only m5's Job runs; kwok runs its pod and nobody ever reports
+    a result for it: to the cluster, a bench that hangs.
+    """
+    body = doc("hung", model, CPU_TYPES,
+               profiling={"unschedulableTimeoutSeconds": 10, "deadlineSeconds": 15, "retries": 1})  # fmt: skip
+    key = profile_store.model_key(ModelSpec.model_validate(body["spec"]["model"]))
+    profile_store.save(kube, namespace, key, stand_in(measured_here(), "c6i.2xlarge"))
+    create(kube, namespace, body)
+    (job,) = wait_for("m5's Job", lambda: jobs(kube, namespace, "hung"))
+    assert job.metadata.name == "hung-bench-m5-2xlarge" and job.spec.active_deadline_seconds == 15
+    running_pod(kube, namespace, job.metadata.name)
+    obj = wait_phase(kube, namespace, "hung", "Ready", timeout=90)
+    job = client.BatchV1Api(kube).read_namespaced_job(job.metadata.name, namespace)
+    assert any(c.reason == "DeadlineExceeded" and c.status == "True" for c in job.status.conditions or [])
+    rows = {r["instanceType"]: r for r in obj["status"]["profiling"]}
+    assert rows["c6i.2xlarge"]["state"] == "Cached"
+    assert rows["m5.2xlarge"]["state"] == "Failed"
+    assert rows["m5.2xlarge"]["reason"].startswith("DeadlineExceeded: the bench did not finish within 15 s")
+    assert obj["status"]["plan"]["instanceType"] == "c6i.2xlarge"
+    planned = condition(obj, "Planned")
+    assert planned["status"] == "True"
+    assert "left out: m5.2xlarge: profiling failed: DeadlineExceeded: the bench did not" in planned["message"]
+    m5_row = next(c for c in obj["status"]["candidates"] if c["instanceType"] == "m5.2xlarge")
+    assert not m5_row["feasible"] and m5_row["reason"].startswith("profiling failed: DeadlineExceeded")
 
 
 def test_an_operator_restart_mid_profiling_duplicates_nothing_and_still_collects(

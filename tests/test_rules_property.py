@@ -57,6 +57,8 @@ def _pydantic_accepts(doc: dict[str, Any]) -> bool:
     managed=st.one_of(st.none(), st.booleans()),
     precision=st.sampled_from(["auto", "fp32", "int8", "fp16"]),
     evaluation=st.booleans(),
+    unschedulable=st.one_of(st.none(), st.integers(10, 3000)),
+    deadline=st.one_of(st.none(), st.integers(10, 3000)),
 )
 def test_python_rules_agree_with_cel(
     average,
@@ -73,6 +75,8 @@ def test_python_rules_agree_with_cel(
     managed,
     precision,
     evaluation,
+    unschedulable,
+    deadline,
 ):
     doc = copy.deepcopy(MINIMAL_DOC)
     spec = doc["spec"]
@@ -88,4 +92,6 @@ def test_python_rules_agree_with_cel(
     spec["precision"] = precision
     if evaluation:
         spec["model"]["evaluation"] = {"uri": "file:///eval.npz"}
+    profiling = (("unschedulableTimeoutSeconds", unschedulable), ("deadlineSeconds", deadline))
+    spec["profiling"] = {k: v for k, v in profiling if v is not None}
     assert _pydantic_accepts(doc) == _cel_accepts(doc), doc

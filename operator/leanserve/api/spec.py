@@ -300,11 +300,28 @@ class AutoscalingSpec(ApiModel):
 class ProfilingSpec(ApiModel):
     """How candidate instance types are measured: one profiling Job per type whose profile is not cached."""
 
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="self.deadlineSeconds > self.unschedulableTimeoutSeconds",
+            message="deadlineSeconds must exceed unschedulableTimeoutSeconds: the deadline counts from the "
+            "Job's start, waiting for a node included, so a shorter one would report a type with no node "
+            "as timed out instead of unschedulable",
+            check=lambda p: p.deadline_seconds > p.unschedulable_timeout_seconds,
+            field_path=".deadlineSeconds",
+        ),
+    )
+
     unschedulable_timeout_seconds: int = Field(default=600, ge=10, le=86_400)
     """How long a profiling pod may stay unschedulable before its instance type is marked unavailable
-    (no such node pool, no free GPU) and the plan goes ahead without it."""
+    (no such node pool, no free GPU) and the plan goes ahead without it. The same for CPU and GPU types;
+    a short one (30) suits a cluster known to have no GPU pool."""
     retries: int = Field(default=2, ge=0, le=10)
     """Retries of a failed bench (the Job's backoffLimit; Kubernetes backs off exponentially)."""
+    deadline_seconds: int = Field(default=1800, ge=10, le=86_400)
+    """Longest a profiling Job may take, from its start to its end (waiting for a node, pulling the image
+    and every retry included): the Job's activeDeadlineSeconds. A bench that hangs is then stopped by
+    Kubernetes (reason DeadlineExceeded) and its instance type is left out of the plan, instead of
+    holding the deployment in Profiling for ever. Must exceed unschedulableTimeoutSeconds."""
 
 
 class ResourceOverrides(ApiModel):

@@ -516,6 +516,9 @@ def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: Ins
         "metadata": meta,
         "spec": {
             "backoffLimit": spec.profiling.retries,
+            # Over every retry and the wait for a node: a bench that hangs fails the Job (DeadlineExceeded)
+            # and its type is left out, instead of holding the deployment in Profiling.
+            "activeDeadlineSeconds": spec.profiling.deadline_seconds,
             "ttlSecondsAfterFinished": PROFILING_TTL_SECONDS,
             "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
         },

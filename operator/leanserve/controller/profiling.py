@@ -3,10 +3,12 @@
 Level-based like the rest: from the Jobs and pods as they are, decide per
 candidate whether it is cached, being measured, measured now (the compact
 profile read from the pod's termination message goes into the cache), failed
-(the bench's own reason, after the Job's retries) or unschedulable (its pod
-found no node for longer than the spec allows: that type is left out of the
-plan, with the scheduler's reason). Job names are deterministic, so a
-restarted operator finds its Jobs instead of creating more.
+(the bench's own reason after the Job's retries, or DeadlineExceeded when the
+Job ran past spec.profiling.deadlineSeconds and Kubernetes stopped it) or
+unschedulable (its pod found no node for longer than the spec allows). A type
+that failed or is unschedulable is left out of the plan, with that reason. Job
+names are deterministic, so a restarted operator finds its Jobs instead of
+creating more.
 """
 
 from __future__ import annotations
@@ -66,10 +68,29 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
-def _job_failed(job: dict[str, Any]) -> str | None:
+#: The Job controller's reason for a Job stopped at its activeDeadlineSeconds.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """Why the Job controller failed a Job: its condition's reason (typed: BackoffLimitExceeded,
+    DeadlineExceeded, ...) and message."""
+
+    reason: str
+    message: str
+
+
+def _job_failed(job: dict[str, Any]) -> JobFailure | None:
+    """The Job's failure, from its Failed condition or the FailureTarget one that precedes it.
+
+    Since Kubernetes 1.31 the Job controller sets FailureTarget as soon as the
+    Job is doomed and Failed only once its pods are gone (a pod stopped at the
+    deadline first gets its grace period): reading either reports it at once.
+    """
     for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Failed" and cond.get("status") == "True":
-            return cond.get("message") or cond.get("reason") or "the Job failed"
+        if cond.get("type") in ("Failed", "FailureTarget") and cond.get("status") == "True":
+            return JobFailure(cond.get("reason") or "", cond.get("message") or cond.get("reason") or "the Job failed")
     return None
 
 
@@ -128,7 +149,20 @@ def _read_job(api: ApiClient, owner: Owner, spec: InferenceDeploymentSpec, name:
     failed = _job_failed(job)
     if failed is not None:
         messages = [(_terminated(p) or {}).get("message", "") for p in pods]
-        reason = next((m.removeprefix(FAILED_PREFIX) for m in reversed(messages) if m), failed)
+        said = next((m.removeprefix(FAILED_PREFIX) for m in reversed(messages) if m), None)
+        if failed.reason == DEADLINE_EXCEEDED:
+            # The Job's own deadline: it may predate a spec change (Jobs are not re-applied).
+            deadline = (job.get("spec") or {}).get("activeDeadlineSeconds", spec.profiling.deadline_seconds)
+            reason = (f"{DEADLINE_EXCEEDED}: the bench did not finish within {deadline} s "
+                      "(spec.profiling.deadlineSeconds, counted from the Job's start)")  # fmt: skip
+            nowhere = next((m for m in map(_unschedulable, pods) if m), None)
+            if nowhere:
+                reason += f"; its pod found no node: {nowhere}"
+            elif said:
+                reason += f"; an earlier attempt failed: {said}"
+            state.unavailable[name] = f"profiling failed: {reason}"  # the planner's prefix for a failed bench
+            return {"state": "Failed", "reason": reason}
+        reason = said or failed.message
         retries = spec.profiling.retries
         state.unavailable[name] = f"profiling failed after {retries + 1} attempt(s): {reason}"
         return {"state": "Failed", "reason": reason}
