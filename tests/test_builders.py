@@ -196,3 +196,24 @@ def test_a_profiling_job_stops_at_the_specs_deadline():
     short = spec(profiling={"unschedulableTimeoutSeconds": 30, "deadlineSeconds": 240, "retries": 1})
     job = render_profiling_job(OWNER, short, GPU, BuildSettings(), "k")["spec"]
     assert (job["activeDeadlineSeconds"], job["backoffLimit"]) == (240, 1)
+
+
+def test_the_serving_pod_stops_without_losing_a_request():
+    """preStop, drains and grace period, read back through the serving processes' own config loaders."""
+    from leanserve_serving.config import ModelServerConfig, SidecarConfig, load_config
+
+    deployment = render_deployment(OWNER, spec(), plan(), CPU, BuildSettings())
+    pod = deployment["spec"]["template"]["spec"]
+    by_name = containers(deployment)
+    prestop = {n: c["lifecycle"]["preStop"]["sleep"]["seconds"] for n, c in by_name.items() if "lifecycle" in c}
+    assert prestop == {"model-server": 5, "sidecar": 5}, "every container that receives traffic waits first"
+    assert "exec" not in json.dumps(pod), "the native sleep action: no shell needed in the image"
+    cm = next(o for o in render_all(OWNER, spec(), plan(), CPU, BuildSettings()) if o["kind"] == "ConfigMap")
+    car = load_config(SidecarConfig, json.loads(cm["data"]["sidecar.json"]), environ={})
+    env = {e["name"]: e["value"] for e in by_name["model-server"]["env"]}
+    model = load_config(ModelServerConfig, environ=env)
+    assert car.drain_seconds > 0 and model.drain_seconds > 0
+    sidecar_done = prestop["sidecar"] + car.drain_seconds + car.shutdown_timeout_s
+    model_stops_serving = prestop["model-server"] + model.drain_seconds
+    assert model_stops_serving > sidecar_done, "the model server serves until the sidecar is gone"
+    assert pod["terminationGracePeriodSeconds"] >= model_stops_serving + model.shutdown_timeout_s + 5

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from tests.onnx_models import make_mlp, make_seq, make_text
@@ -377,3 +381,130 @@ def test_sidecar_metrics_are_exposed_with_the_leanserve_prefix(strict_servers):
                  "leanserve_upstream_duration_seconds_bucket", "leanserve_batch_size_bucket",
                  "leanserve_queue_depth", "leanserve_redis_up", "leanserve_upstream_up"):  # fmt: skip
         assert name.encode() in text, name
+
+
+# ---- stopping without losing a request ------------------------------------------------------
+
+
+def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(models, workdir, started):
+    """A rollout's old pod, after its preStop sleep: SIGTERM reaches both containers at once.
+
+    The sidecar answers readiness 503 at once and keeps serving every request that still arrives (new
+    connections and kept-alive ones, which it closes after each answer) for its drain period; then it stops
+    listening, lets the requests in flight finish and exits. The model server behind it outlives it, so
+    no request meets a missing upstream. Clients keep sending until just before the drain ends (by then
+    the endpoints have moved in a cluster); one request is timed to still be in flight when it ends.
+    """
+    drain, timeout, wait_s = 3.0, 3.0, 0.5
+    model_drain = drain + timeout + 1  # what the operator derives: the sidecar's drain and shutdown, and a margin
+    upstream = model_server(models["mlp"], "mlp", workdir, LEANSERVE_DRAIN_SECONDS=str(model_drain)).start()
+    started.append(upstream)
+    car = run_sidecar(started, upstream.url, workdir, drain_seconds=drain, request_timeout_s=timeout,
+                      max_batch_size=64, max_wait_ms=wait_s * 1000)  # fmt: skip
+    path = "/v2/models/mlp/infer"
+    body = orjson.dumps(mlp_request(rows(1, seed=9)[0]))
+    assert post(car.url + path, body)[0] == 200
+    results: list[tuple[str, float, float, object, str]] = []  # (client, start, end, status or error, Connection)
+    lock = threading.Lock()
+    term: dict[str, float] = {}
+    stop_sending = threading.Event()
+
+    def record(client: str, start: float, outcome: object, connection: str = "") -> None:
+        with lock:
+            results.append((client, start, time.monotonic(), outcome, connection))
+
+    def new_connections(client: str) -> None:
+        while not stop_sending.is_set():
+            start = time.monotonic()
+            try:
+                record(client, start, post(car.url + path, body, timeout=15)[0])
+            except Exception as exc:  # every failure is a result: the test asserts there are none
+                record(client, start, f"{type(exc).__name__}: {exc}")
+                time.sleep(0.05)
+
+    def kept_alive() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", car.port, timeout=15)
+        while not stop_sending.is_set():
+            start = time.monotonic()
+            try:
+                conn.request("POST", path, body, {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                record("keep-alive", start, resp.status, resp.getheader("Connection") or "")
+            except Exception as exc:
+                record("keep-alive", start, f"{type(exc).__name__}: {exc}")
+                conn.close()
+                time.sleep(0.05)
+        conn.close()
+
+    def in_flight_at_the_end() -> None:
+        while "at" not in term:
+            time.sleep(0.01)
+        time.sleep(max(0.0, term["at"] + drain - 0.2 - time.monotonic()))
+        start = time.monotonic()  # its batch waits wait_s: it is still running when the drain ends
+        try:
+            record("last", start, post(car.url + path, body, timeout=15)[0])
+        except Exception as exc:
+            record("last", start, f"{type(exc).__name__}: {exc}")
+
+    def probe(url: str) -> int | str:
+        try:
+            return get(url, timeout=5)[0]
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    clients = [threading.Thread(target=new_connections, args=(f"new-{i}",), daemon=True) for i in range(3)]
+    clients += [threading.Thread(target=kept_alive, daemon=True),
+                threading.Thread(target=in_flight_at_the_end, daemon=True)]  # fmt: skip
+    for t in clients:
+        t.start()
+    readiness: list[tuple[float, int | str]] = []
+    try:
+        time.sleep(1.0)  # traffic before the signal
+        term["at"] = time.monotonic()
+        car.proc.send_signal(signal.SIGTERM)
+        upstream.proc.send_signal(signal.SIGTERM)
+        while time.monotonic() < term["at"] + 1.0:
+            readiness.append((time.monotonic() - term["at"], probe(car.url + "/v2/health/ready")))
+            time.sleep(0.05)
+        live, model_ready = probe(car.url + "/v2/health/live"), probe(upstream.url + "/v2/health/ready")
+        time.sleep(max(0.0, term["at"] + drain - 0.6 - time.monotonic()))
+    finally:
+        stop_sending.set()
+    car_exit, model_exit = _exit_times([car.proc, upstream.proc], term["at"], model_drain + 5)
+    for t in clients:
+        t.join(20)
+
+    first_503 = next((t for t, code in readiness if code == 503), None)
+    assert first_503 is not None and first_503 < 0.5, f"readiness did not turn 503 at once: {readiness}"
+    assert all(code == 503 for t, code in readiness if t >= first_503), readiness
+    failed = [r for r in results if r[3] != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    assert live == 200, "alive while draining"
+    assert model_ready == 503, "the model server drains too"
+    during = [r for r in results if r[1] > term["at"] + 0.5]
+    assert len(during) >= 10, f"too little traffic during the drain: {len(during)} requests"
+    (last,) = [r for r in results if r[0] == "last"]
+    assert last[2] > term["at"] + drain, "the timed request finished after the drain ended (it was in flight)"
+    kept = [r for r in results if r[0] == "keep-alive"]
+    assert all(r[4] != "close" for r in kept if r[2] < term["at"]), "connections are kept alive before the drain"
+    assert any(r[4] == "close" for r in kept if r[1] > term["at"] + 0.2), "the drain closes kept-alive connections"
+    assert car.proc.returncode == 0 and upstream.proc.returncode == 0
+    assert drain <= car_exit <= drain + timeout + 2, car_exit
+    assert car_exit < model_exit <= model_drain + 3, (car_exit, model_exit)
+
+
+def _exit_times(procs: list[subprocess.Popen[bytes]], since: float, limit: float) -> list[float]:
+    """Seconds from ``since`` until each of ``procs`` exited (polled together; fails past ``limit``)."""
+    exits: dict[int, float] = {}
+    while len(exits) < len(procs):
+        for i, proc in enumerate(procs):
+            if i not in exits and proc.poll() is not None:
+                exits[i] = time.monotonic() - since
+        if time.monotonic() > since + limit:
+            for proc in procs:
+                proc.kill()
+            running = [p.args for p in procs if p.poll() is None]
+            raise AssertionError(f"still running {limit:g} s after SIGTERM: {running}")
+        time.sleep(0.02)
+    return [exits[i] for i in range(len(procs))]

@@ -38,6 +38,12 @@ class ModelServerConfig:
     spin: bool = False
     """Let ONNX Runtime's threads busy-wait between runs (lower latency on dedicated cores)."""
     max_body_bytes: int = 8 * 1024 * 1024
+    drain_seconds: float = 0.0
+    """After SIGTERM: readiness 503, and keep serving this long before stopping (http.serve). In a pod,
+    longer than the sidecar's drain and shutdown together, so the sidecar never finds it gone; 0 locally."""
+    shutdown_timeout_s: float = 10.0
+    """Then how long runs still in flight may finish (the sidecar gives up on a request after its
+    request_timeout_s anyway)."""
 
 
 @dataclasses.dataclass
@@ -68,6 +74,16 @@ class SidecarConfig:
     semantic_embedder: str = "minilm"
     """minilm (all-MiniLM-L6-v2, offline, numpy) or hashing (character n-grams, no model file)."""
     health_interval_s: float = 1.0
+    drain_seconds: float = 0.0
+    """After SIGTERM: readiness 503, and keep serving new and in-flight requests this long (responses
+    close their connections) while the endpoints and clients move away, then stop (http.serve). The
+    operator sets it in pods; 0 (stop at once) for local runs."""
+
+    @property
+    def shutdown_timeout_s(self) -> float:
+        """How long requests still in flight may finish once it stops listening: no request outlives
+        request_timeout_s, so no longer than that."""
+        return self.request_timeout_s
 
 
 def _coerce(value: Any, target: Any) -> Any:

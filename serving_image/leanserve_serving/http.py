@@ -1,12 +1,24 @@
-"""HTTP plumbing shared by the model server and the sidecar: JSON responses and v2 error bodies."""
+"""HTTP plumbing shared by the model server and the sidecar: JSON responses, v2 error bodies, serving and draining.
+
+Stopping without losing a request (what a Deployment rollout asks of every old
+pod; kserve#3360 and knative#429 are what happens otherwise): on SIGTERM a
+process answers its readiness probe 503 at once, keeps serving every request,
+in flight or new, for ``drain_seconds`` while the endpoints, kube-proxy and
+clients catch up (each response closing its connection, so kept-alive clients
+reconnect to a pod that stays), then stops listening and lets the requests
+still in flight finish (at most ``shutdown_timeout_s``) before it exits.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,7 +29,91 @@ from leanserve_serving.tensors import ProtocolError, dumps, error_body
 log = logging.getLogger("leanserve.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Config = TypeVar("Config")
+
+
+class ServingConfig(Protocol):
+    """What serving a process needs from its settings (ModelServerConfig and SidecarConfig have it)."""
+
+    host: str
+    port: int
+    drain_seconds: float
+
+    @property
+    def shutdown_timeout_s(self) -> float: ...
+
+
+Config = TypeVar("Config", bound=ServingConfig)
+
+
+class Drain:
+    """Whether this process is draining (it got SIGTERM): its readiness answers 503, its responses close."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.since is not None
+
+    def start(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+
+DRAIN = web.AppKey("drain", Drain)
+
+
+def drainable(app: web.Application) -> Drain:
+    """Give ``app`` the drain state :func:`serve` sets on SIGTERM, and close every connection while draining.
+
+    ``Connection: close`` on each response during the drain moves kept-alive
+    clients (and proxies) off this process one request at a time, without
+    cutting any request: their next one opens a new connection, which the
+    Service then sends to a pod that is staying.
+    """
+    drain = app[DRAIN] = Drain()
+
+    @web.middleware
+    async def close_while_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if drain.active and not response.prepared:
+            response.force_close()
+        return response
+
+    app.middlewares.insert(0, close_while_draining)  # outermost: it sees the response errors become too
+    return drain
+
+
+async def serve(app: web.Application, config: ServingConfig) -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then drain and stop (see the module's docstring).
+
+    A second signal during the drain cuts it short (a person pressing Ctrl-C
+    twice); the requests in flight still finish.
+    """
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        loop = asyncio.get_running_loop()
+        signals: asyncio.Queue[int] = asyncio.Queue()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signals.put_nowait, sig)
+        log.info("event=serving host=%s port=%d drain_seconds=%g", config.host, config.port, config.drain_seconds)
+        received = await signals.get()
+        drain = app.get(DRAIN)
+        if drain is not None:
+            drain.start()
+        log.info("event=draining signal=%s seconds=%g", signal.Signals(received).name, config.drain_seconds)
+        if config.drain_seconds > 0:
+            try:
+                await asyncio.wait_for(signals.get(), config.drain_seconds)
+                log.info("event=drain_cut_short")
+            except TimeoutError:
+                pass
+        log.info("event=stopping shutdown_timeout_s=%g", config.shutdown_timeout_s)
+    finally:
+        await runner.cleanup()
+    log.info("event=stopped")
 
 
 def serve_main(
@@ -26,7 +122,7 @@ def serve_main(
     create_app: Callable[[Config], web.Application],
     argv: list[str] | None,
 ) -> None:
-    """The entry point of a serving process: flags over settings, structured logs, then serve.
+    """The entry point of a serving process: flags over settings, structured logs, then serve until drained.
 
     Uses uvloop when it is installed (a faster event loop for the same code).
     """
@@ -44,7 +140,7 @@ def serve_main(
     except Exception as exc:  # any start-up failure: one line that a pod's logs and events show
         print(f"error: cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None)  # type: ignore[attr-defined]
+    asyncio.run(serve(app, config))
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

@@ -23,7 +23,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from leanserve_serving import __version__
 from leanserve_serving.config import ModelServerConfig
 from leanserve_serving.cpus import cpu_limit
-from leanserve_serving.http import json_response, metrics_handler, protocol_errors, serve_main
+from leanserve_serving.http import (
+    drainable,
+    error_response,
+    json_response,
+    metrics_handler,
+    protocol_errors,
+    serve_main,
+)
 from leanserve_serving.tensors import (
     ORT_TYPES,
     InferRequest,
@@ -146,6 +153,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
     metrics.load_seconds.set(model.load_seconds)
     executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ort")
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
+    drain = drainable(app)
     app["model"] = model
 
     def known(request: web.Request) -> LoadedModel:
@@ -161,6 +169,8 @@ def create_app(config: ModelServerConfig) -> web.Application:
         return json_response({"live": True})
 
     async def ready(_: web.Request) -> web.Response:
+        if drain.active:
+            return error_response(503, "draining: shutting down")
         return json_response({"ready": True})
 
     async def server_metadata(_: web.Request) -> web.Response:

@@ -26,7 +26,14 @@ from leanserve_serving.batcher import BatchStats, DynamicBatcher
 from leanserve_serving.cache import ExactCache, RedisHealth, SemanticCache, connect, exact_key
 from leanserve_serving.config import SidecarConfig
 from leanserve_serving.embedders import make_embedder
-from leanserve_serving.http import error_response, json_response, metrics_handler, protocol_errors, serve_main
+from leanserve_serving.http import (
+    drainable,
+    error_response,
+    json_response,
+    metrics_handler,
+    protocol_errors,
+    serve_main,
+)
 from leanserve_serving.tensors import (
     DATATYPES,
     InferRequest,
@@ -135,6 +142,7 @@ def create_app(config: SidecarConfig) -> web.Application:
     """The sidecar's aiohttp application; connects to the upstream and Redis on startup."""
     metrics = SidecarMetrics()
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
+    drain = drainable(app)
     state: dict[str, Any] = {}
 
     async def startup(app: web.Application) -> None:
@@ -244,6 +252,8 @@ def create_app(config: SidecarConfig) -> web.Application:
         return json_response({"live": True})
 
     async def ready(_: web.Request) -> web.Response:
+        if drain.active:  # first: the endpoints must stop sending here, whatever the upstream's state
+            return error_response(503, "draining: shutting down")
         if state["upstream"].ready:
             return json_response({"ready": True})
         return error_response(503, "upstream model server is not ready")

@@ -38,6 +38,24 @@ NODE_MEMORY_SHARE = 0.85
 #: The per-pod metric the sidecar exports, as a custom metrics API serves it (prometheus-adapter rule).
 RPS_METRIC = "leanserve_requests_per_second"
 
+#: How a serving pod stops without losing a request (every old pod of a rollout, every scale-down;
+#: kserve#3360 and knative#429 are what happens otherwise), in the order Kubernetes plays it. Each
+#: figure is set here and derived from here only.
+#: 1. preStop (both containers, in parallel): the kubelet sleeps before any SIGTERM, while the endpoints
+#:    controller, kube-proxy and ingresses, told of the deletion at the same moment, stop sending here.
+PRESTOP_SLEEP_S = 5
+#: 2. SIGTERM to the sidecar: readiness 503 at once, and it keeps serving what still arrives (closing each
+#:    connection after its answer) for this long, for the proxies and clients that are late.
+SIDECAR_DRAIN_S = 10
+#: 3. Then it stops listening; requests in flight finish within its request timeout (its shutdown bound).
+SIDECAR_REQUEST_TIMEOUT_S = 10
+#: The model server gets SIGTERM at the same time as the sidecar and keeps serving until the sidecar is
+#: done for sure (2 + 3, and a margin), then lets its own runs finish within MODEL_SERVER_SHUTDOWN_S.
+MODEL_SERVER_DRAIN_S = SIDECAR_DRAIN_S + SIDECAR_REQUEST_TIMEOUT_S + 2
+MODEL_SERVER_SHUTDOWN_S = 5
+#: The kubelet kills whatever is left after this: all of the above, and room for slow process exits.
+TERMINATION_GRACE_S = PRESTOP_SLEEP_S + MODEL_SERVER_DRAIN_S + MODEL_SERVER_SHUTDOWN_S + 10
+
 
 @dataclass(frozen=True)
 class BuildSettings:
@@ -135,6 +153,8 @@ def sidecar_settings(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidat
         "semantic_enabled": cache.semantic.enabled,
         "semantic_threshold": cache.semantic.threshold,
         "semantic_max_entries": cache.semantic.max_entries,
+        "request_timeout_s": SIDECAR_REQUEST_TIMEOUT_S,
+        "drain_seconds": SIDECAR_DRAIN_S,
     }
 
 
@@ -197,6 +217,12 @@ def _probes(port: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _prestop_sleep() -> dict[str, Any]:
+    """Step 1 of a stop (PRESTOP_SLEEP_S), by the kubelet's native sleep action (GA in Kubernetes 1.34): no
+    shell in the image, no exec."""
+    return {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}}
+
+
 def _source_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The volume (and its mount) that makes a pvc:// or configmap:// URI readable by the init container."""
     parts = urlsplit(uri)
@@ -239,6 +265,9 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
                       settings: BuildSettings, rss_mb: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The serving Deployment: fetch init container, model server, batching sidecar.
 
+    Its pods stop without losing a request: preStop, drain and grace period as
+    PRESTOP_SLEEP_S and the figures after it lay out.
+
     ``spec.replicas`` is left out on purpose: the HPA owns it (the reconciler
     sets the first value once, at creation, under another field manager).
     """
@@ -274,6 +303,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
         "enableServiceLinks": False,
         "securityContext": _pod_security(SERVING_UID),
         "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
         "initContainers": [
             {
                 "name": "fetch-model",
@@ -294,8 +324,12 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
                 "command": ["python", "-m", "leanserve_serving.model_server"],
                 "env": [
                     {"name": "LEANSERVE_MODEL_PATH", "value": "/models/model.onnx"},
+                    # Clients call /v2/models/<the InferenceDeployment's name>/infer.
+                    {"name": "LEANSERVE_MODEL_NAME", "value": owner.name},
                     {"name": "LEANSERVE_PORT", "value": str(MODEL_PORT)},
                     {"name": "LEANSERVE_PROVIDER", "value": "cuda" if gpu else "cpu"},
+                    {"name": "LEANSERVE_DRAIN_SECONDS", "value": str(MODEL_SERVER_DRAIN_S)},
+                    {"name": "LEANSERVE_SHUTDOWN_TIMEOUT_S", "value": str(MODEL_SERVER_SHUTDOWN_S)},
                 ],
                 "ports": [{"name": "model", "containerPort": MODEL_PORT}],
                 "resources": model_res,
@@ -305,6 +339,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
                 **_probes(MODEL_PORT),
+                "lifecycle": _prestop_sleep(),
             },
             {
                 "name": "sidecar",
@@ -319,6 +354,7 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
                 **_probes(SIDECAR_PORT),
+                "lifecycle": _prestop_sleep(),
             },
         ],
         "volumes": volumes,
