@@ -395,7 +395,10 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
     no request meets a missing upstream. Clients keep sending until just before the drain ends (by then
     the endpoints have moved in a cluster); one request is timed to still be in flight when it ends.
     """
-    drain, timeout, wait_s = 3.0, 3.0, 0.5
+    # Every request waits wait_s for its batch. The clients stop early enough for their last batch to be gone
+    # before the timed request is sent, so that one waits in a batch of its own, past the end of the drain.
+    drain, timeout, wait_s = 4.0, 3.0, 0.8
+    stop_at, last_at = drain - wait_s - 0.7, drain - 0.3
     model_drain = drain + timeout + 1  # what the operator derives: the sidecar's drain and shutdown, and a margin
     upstream = model_server(models["mlp"], "mlp", workdir, LEANSERVE_DRAIN_SECONDS=str(model_drain)).start()
     started.append(upstream)
@@ -440,7 +443,7 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
     def in_flight_at_the_end() -> None:
         while "at" not in term:
             time.sleep(0.01)
-        time.sleep(max(0.0, term["at"] + drain - 0.2 - time.monotonic()))
+        time.sleep(max(0.0, term["at"] + last_at - time.monotonic()))
         start = time.monotonic()  # its batch waits wait_s: it is still running when the drain ends
         try:
             record("last", start, post(car.url + path, body, timeout=15)[0])
@@ -453,7 +456,7 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
         except OSError as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    clients = [threading.Thread(target=new_connections, args=(f"new-{i}",), daemon=True) for i in range(3)]
+    clients = [threading.Thread(target=new_connections, args=(f"new-{i}",), daemon=True) for i in range(5)]
     clients += [threading.Thread(target=kept_alive, daemon=True),
                 threading.Thread(target=in_flight_at_the_end, daemon=True)]  # fmt: skip
     for t in clients:
@@ -468,7 +471,7 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
             readiness.append((time.monotonic() - term["at"], probe(car.url + "/v2/health/ready")))
             time.sleep(0.05)
         live, model_ready = probe(car.url + "/v2/health/live"), probe(upstream.url + "/v2/health/ready")
-        time.sleep(max(0.0, term["at"] + drain - 0.6 - time.monotonic()))
+        time.sleep(max(0.0, term["at"] + stop_at - time.monotonic()))
     finally:
         stop_sending.set()
     car_exit, model_exit = _exit_times([car.proc, upstream.proc], term["at"], model_drain + 5)
@@ -476,14 +479,15 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
         t.join(20)
 
     first_503 = next((t for t, code in readiness if code == 503), None)
-    assert first_503 is not None and first_503 < 0.5, f"readiness did not turn 503 at once: {readiness}"
+    # At once: well within one readiness probe period (5 s), with room for a loaded machine.
+    assert first_503 is not None and first_503 < 1.0, f"readiness did not turn 503 at once: {readiness}"
     assert all(code == 503 for t, code in readiness if t >= first_503), readiness
     failed = [r for r in results if r[3] != 200]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
     assert live == 200, "alive while draining"
     assert model_ready == 503, "the model server drains too"
     during = [r for r in results if r[1] > term["at"] + 0.5]
-    assert len(during) >= 10, f"too little traffic during the drain: {len(during)} requests"
+    assert len(during) >= 8, f"too little traffic during the drain: {len(during)} requests"
     (last,) = [r for r in results if r[0] == "last"]
     assert last[2] > term["at"] + drain, "the timed request finished after the drain ended (it was in flight)"
     kept = [r for r in results if r[0] == "keep-alive"]
