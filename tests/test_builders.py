@@ -81,6 +81,13 @@ def test_the_serving_pod_is_restricted_probed_scraped_and_pinned_to_the_planned_
     by_name = containers(d)
     assert by_name["model-server"]["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8081}
     assert by_name["sidecar"]["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8080}
+    # A busy sidecar answers late: liveness waits 5 s a probe and a minute before a restart.
+    live = by_name["sidecar"]["livenessProbe"]
+    assert live["timeoutSeconds"] >= 5 and live["timeoutSeconds"] * 1 <= live["periodSeconds"]
+    assert live["periodSeconds"] * live["failureThreshold"] >= 60
+    # Clients name the model after the InferenceDeployment.
+    env = {e["name"]: e["value"] for e in by_name["model-server"]["env"]}
+    assert env["LEANSERVE_MODEL_NAME"] == OWNER.name
     assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     # The pod fills the node the profile was measured on: 8 vCPUs less the node's reserve.
     model_cpu = by_name["model-server"]["resources"]["requests"]["cpu"]
@@ -136,7 +143,15 @@ def test_hpa_bounds_are_the_warm_pool_and_what_the_budget_allows(changes, itype,
 
 def test_hpa_scales_on_request_rate_when_custom_metrics_exist_else_on_cpu():
     cpu = render_hpa(OWNER, spec(), plan(capacity=250), CPU, BuildSettings())["spec"]
-    assert cpu["metrics"][0]["resource"]["name"] == "cpu"
+    # Per container: a saturated sidecar must not hide behind an idle model server's request.
+    assert {m["containerResource"]["container"]: m["containerResource"]["target"] for m in cpu["metrics"]} == {
+        "model-server": {"type": "Utilization", "averageUtilization": 70},
+        "sidecar": {"type": "Utilization", "averageUtilization": 70},
+    }
+    assert {m["type"] for m in cpu["metrics"]} == {"ContainerResource"}
+    assert containers(render_deployment(OWNER, spec(), plan(), CPU, BuildSettings())).keys() >= {
+        m["containerResource"]["container"] for m in cpu["metrics"]
+    }
     assert cpu["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert cpu["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     rps = render_hpa(OWNER, spec(), plan(capacity=250), CPU, BuildSettings(custom_metrics=True))["spec"]

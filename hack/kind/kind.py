@@ -122,9 +122,7 @@ def build(prov: str) -> tuple[Path, str | None]:
         return kbin, None
     cbin = Path(run(["bash", str(REPO / "hack/controlplane/build.sh")], capture=True).strip().splitlines()[-1])
     started = time.monotonic()
-    out = subprocess.run(
-        ["bash", str(HERE / "node-image.sh"), str(kbin), str(cbin)], stdout=subprocess.PIPE, text=True
-    )
+    out = subprocess.run(["bash", str(HERE / "node-image.sh"), str(kbin), str(cbin)], stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
         raise SystemExit("error: building the kind node image failed (output above)")
     log(f"node image ready in {time.monotonic() - started:.0f} s")
