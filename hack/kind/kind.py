@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -138,11 +139,47 @@ def read_sysctls() -> dict[str, str]:
     return values
 
 
+IPTABLES_TABLES = ("filter", "nat", "mangle")
+
+
+def iptables_rules(table: str) -> tuple[set[str], list[str]]:
+    """(chains, rules) of one table, as iptables-save writes them; empty without iptables."""
+    if shutil.which("iptables-save") is None:
+        return set(), []
+    out = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
+    chains = {line[1:].split()[0] for line in out.splitlines() if line.startswith(":")}
+    rules = [line for line in out.splitlines() if line.startswith("-A ")]
+    return chains, rules
+
+
+def restore_iptables(before: dict[str, dict[str, list[str]]]) -> list[str]:
+    """Remove the rules and chains podman's network backend added since ``before`` (it leaves its
+    base chains and their jumps behind when the last network goes)."""
+    removed = []
+    for table, saved in before.items():
+        chains, rules = iptables_rules(table)
+        old_rules, old_chains = set(saved["rules"]), set(saved["chains"])
+        for rule in reversed(rules):
+            if rule not in old_rules:
+                args = shlex.split(rule)
+                args[0] = "-D"
+                if subprocess.run(["iptables", "-t", table, *args], capture_output=True).returncode == 0:
+                    removed.append(f"{table}: {rule}")
+        for chain in sorted(chains - old_chains):
+            subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
+            if subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True).returncode == 0:
+                removed.append(f"{table}: chain {chain}")
+    return removed
+
+
 def record_host() -> None:
     """Remember the host's settings before the first node starts (not again while one runs)."""
     if STATE.exists():
         return
-    state: dict[str, Any] = {"sysctls": read_sysctls(), "created_lib_modules": False}
+    state: dict[str, Any] = {"sysctls": read_sysctls(), "created_lib_modules": False, "iptables": {}}
+    for table in IPTABLES_TABLES:
+        chains, rules = iptables_rules(table)
+        state["iptables"][table] = {"chains": sorted(chains), "rules": rules}
     modules = Path("/lib/modules")
     if not modules.exists():
         modules.mkdir(parents=True)
@@ -165,6 +202,7 @@ def restore_host() -> list[str]:
                 restored.append(f"{key}={before}")
         except OSError as exc:
             log(f"warning: could not restore {key}={before}: {exc}")
+    restored += restore_iptables(state.get("iptables", {}))
     if state.get("created_lib_modules"):
         try:
             Path("/lib/modules").rmdir()

@@ -426,6 +426,14 @@ def test_load_above_capacity_makes_the_hpa_scale_up(cluster: Cluster) -> None:
     assert capacity > 0, STATE["plan"]
     rate = round(2 * capacity, 1)
     TIMINGS["hpa_target_rps"] = rate
+
+    def settled() -> bool:  # the rollout's load may have scaled it up: start from one replica
+        st = kind.get("hpa", NAME, NS).get("status", {})
+        return st.get("currentReplicas") == 1 and st.get("desiredReplicas") == 1
+
+    started = time.monotonic()
+    wait_for("the HPA back at one replica", settled, timeout=240, interval=3)
+    timed("hpa_settle_s", started)
     load_pod(kind, "e2e-hpa-load", load_args(60, rate=rate))
     started = time.monotonic()
     seen: dict[str, Any] = {}
