@@ -34,6 +34,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     errors: Counter[str] = Counter()
     latencies: list[float] = []
     timeout = aiohttp.ClientTimeout(total=args.timeout)
+    skipped = 0
     start = time.monotonic()
     end = start + args.duration
     headers = {"content-type": "application/json"}
@@ -69,15 +70,21 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 
         reporter = asyncio.create_task(progress())
         if args.rate:
+            # Open loop, with at most --concurrency requests in flight: an arrival that finds them
+            # all busy is skipped (counted), so an unreachable rate saturates the server with a
+            # bounded queue instead of opening connections without end.
             pending: set[asyncio.Task[None]] = set()
             interval = 1 / args.rate
             next_at = time.monotonic()
             while next_at < end:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+                if len(pending) >= args.concurrency:
+                    skipped += 1
+                    continue
                 task = asyncio.create_task(one())
                 pending.add(task)
                 task.add_done_callback(pending.discard)
-                next_at += interval
             if pending:
                 await asyncio.wait(pending)
         else:
@@ -98,6 +105,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "statuses": dict(statuses),
         "errors": dict(errors.most_common(5)),
         "rps": round(sent / elapsed, 1),
+        "skipped": skipped,
         "p50_ms": pct(50),
         "p99_ms": pct(99),
         "max_ms": round(latencies[-1], 2) if latencies else None,
@@ -111,7 +119,7 @@ if __name__ == "__main__":
     parser.add_argument("--input", required=True, help="the model's input name")
     parser.add_argument("--features", type=int, required=True)
     parser.add_argument("--duration", type=float, default=30)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=4, help="connections (closed loop), most in flight (open)")
     parser.add_argument("--rate", type=float, default=0, help="open loop at this many requests/s (0: closed loop)")
     parser.add_argument("--timeout", type=float, default=10)
     parser.add_argument("--repeat", action="store_true", help="the same body every time")
