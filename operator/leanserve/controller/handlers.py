@@ -64,11 +64,36 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
                                expiration=info.expiration, aiohttp_session=session)  # fmt: skip
 
 
+class ProgressNotError(logging.Filter):
+    """Log kopf's "failed temporarily" for our reconcile handler at INFO, not ERROR.
+
+    reconcile_handler raises TemporaryError only to poll by design (profiling Jobs running,
+    pods starting): on a real cluster the operator logged an ERROR every 10 s of a normal
+    profiling run. Crashes keep their level: kopf words them differently ("failed with an
+    exception"). At INFO they also stay below kopf's Event posting level (WARNING).
+    """
+
+    MARK = "Handler 'reconcile_handler' failed temporarily: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and self.MARK in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def install_log_filter() -> None:
+    """Attach ProgressNotError to kopf's per-object logger once."""
+    objects = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, ProgressNotError) for f in objects.filters):
+        objects.addFilter(ProgressNotError())
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="leanserve.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="leanserve.dev")
     settings.posting.level = logging.WARNING  # our own Events mark transitions; kopf's add noise
+    install_log_filter()
     settings.execution.max_workers = 4  # API calls overlap; planning is serialised anyway
     settings.watching.server_timeout = 270
     if "api" not in memo:
