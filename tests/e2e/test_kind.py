@@ -88,7 +88,9 @@ def deployment_spec() -> dict[str, Any]:
             "candidates": [CPU_TYPE, GPU_TYPE],
             "precision": "fp32",
             "cache": {"exact": {"enabled": True, "ttlSeconds": 600}, "redis": {"managed": True}},
-            "autoscaling": {"warmPool": 1, "maxReplicas": 3, "scaleDownStabilizationSeconds": 30},
+            # Two replicas fit the CPU worker. A third would stay Pending, and the HPA counts a pod
+            # without metrics as fully busy when it scales down: it would never come back to one.
+            "autoscaling": {"warmPool": 1, "maxReplicas": 2, "scaleDownStabilizationSeconds": 30},
             # No GPU node exists: the GPU type's profiling pod is unschedulable; 30 s is enough to know.
             "profiling": {"unschedulableTimeoutSeconds": 30, "deadlineSeconds": 600},
             # The kind worker is a 2-CPU container however the type is labelled: a smaller model
