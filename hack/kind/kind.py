@@ -45,6 +45,8 @@ KUBECONFIG = CACHE / "kubeconfig"
 CLUSTER = "leanserve"
 CONFIG = REPO / "kind-config.yaml"
 IMAGES_DIR = REPO / ".cache" / "images"
+BUILD_BINS = HERE / "build-bins.sh"
+BUILD_CONTROLPLANE = REPO / "hack" / "controlplane" / "build.sh"
 
 #: Kernel settings a kind node changes on the host it shares the kernel with.
 SYSCTLS = (
@@ -116,12 +118,17 @@ def kind_env(prov: str) -> dict[str, str]:
     return env
 
 
+def tool_dir(script: Path) -> Path:
+    """The folder of binaries a cached build script (build-bins.sh, controlplane/build.sh) prints last."""
+    return Path(run(["bash", str(script)], capture=True).strip().splitlines()[-1])
+
+
 def build(prov: str) -> tuple[Path, str | None]:
     """The kind CLI (and, for podman, the node image); their paths come from the cached builds."""
-    kbin = Path(run(["bash", str(HERE / "build-bins.sh")], capture=True).strip().splitlines()[-1])
+    kbin = tool_dir(BUILD_BINS)
     if prov == "docker":
         return kbin, None
-    cbin = Path(run(["bash", str(REPO / "hack/controlplane/build.sh")], capture=True).strip().splitlines()[-1])
+    cbin = tool_dir(BUILD_CONTROLPLANE)
     started = time.monotonic()
     out = subprocess.run(["bash", str(HERE / "node-image.sh"), str(kbin), str(cbin)], stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
@@ -276,7 +283,7 @@ def up(args: argparse.Namespace) -> int:
 def down(args: argparse.Namespace) -> int:
     prov = provider()
     env = kind_env(prov)
-    kbin_out = subprocess.run(["bash", str(HERE / "build-bins.sh")], capture_output=True, text=True)
+    kbin_out = subprocess.run(["bash", str(BUILD_BINS)], capture_output=True, text=True)
     kind = Path(kbin_out.stdout.strip().splitlines()[-1]) / "kind" if kbin_out.returncode == 0 else None
     if kind and kind.exists() and cluster_exists(kind, env):
         started = time.monotonic()
@@ -294,7 +301,7 @@ def down(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     prov = provider()
     env = kind_env(prov)
-    kbin = Path(run(["bash", str(HERE / "build-bins.sh")], capture=True).strip().splitlines()[-1])
+    kbin = tool_dir(BUILD_BINS)
     exists = cluster_exists(kbin / "kind", env)
     print(json.dumps({"provider": prov, "cluster": CLUSTER, "exists": exists, "kubeconfig": str(KUBECONFIG)}))
     return 0 if exists else 1

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 KIND_SCRIPT = REPO / "hack" / "kind" / "kind.py"
 T = TypeVar("T")
 
+sys.path.insert(0, str(REPO / "hack" / "kind"))
+import kind as kind_script  # noqa: E402  (hack/kind is not a package)
+
 
 def log(message: str) -> None:
     print(f"[e2e {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -140,16 +143,7 @@ def kind_up() -> tuple[Cluster, bool]:
     if out.returncode != 0:
         raise RuntimeError("hack/kind/kind.py up failed (its output is above)")
     kubeconfig = Path(out.stdout.strip().splitlines()[-1])
-    kbin = Path(
-        subprocess.run(["bash", str(REPO / "hack/kind/build-bins.sh")], capture_output=True, text=True, check=True)
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    cbin = Path(
-        subprocess.run(["bash", str(REPO / "hack/controlplane/build.sh")], capture_output=True, text=True, check=True)
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    kbin, cbin = kind_script.tool_dir(kind_script.BUILD_BINS), kind_script.tool_dir(kind_script.BUILD_CONTROLPLANE)
     timings = json.loads((REPO / ".cache/kind/timings.json").read_text())
     provider = timings["provider"]
     if shutil.which(provider) is None:
