@@ -26,7 +26,9 @@ import numpy as np
 import yaml
 
 from leanserve.api.resource import InferenceDeployment
-from leanserve.demo import _loadgen, load_test, request_body, serving_stack
+from leanserve.demo import request_body
+from leanserve.loadgen import load_test, poisson_loadgen
+from leanserve.local_stack import serving_stack
 from leanserve.planner.latency import max_rate, simulate
 from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
@@ -135,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         makers = {"tabular": make_tabular, "text": make_text_classifier}
         results = [measure_model(m, makers[m], Path(tmp), args.seconds) for m in args.models.split(",")]
-    generator = "hack/loadgen, Poisson arrivals" if _loadgen() else "hey, rate-limited workers (bursty)"
+    generator = "hack/loadgen, Poisson arrivals" if poisson_loadgen() else "hey, rate-limited workers (bursty)"
     where = f"serving on CPUs {sorted(SERVER_CPUS)}, load from CPU {sorted(CLIENT_CPUS)}" if SERVER_CPUS else "one CPU"
     print(f"\nplanner accuracy: p95 < 100 ms, open-loop load ({generator}; {where}), {args.seconds:g} s per rate; "
           "error = predicted / measured - 1\n")  # fmt: skip

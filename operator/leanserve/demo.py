@@ -5,17 +5,15 @@ average, peak 3x), p95 under 100 ms, at most one point of accuracy lost. The
 model is the text classifier reference model (tokenizer + MiniLM encoder + a
 trained head). The only instance type measured here is this machine, priced as
 `local` in the price table.
+
+This module orchestrates the steps and says what happens; the load itself comes
+from :mod:`leanserve.loadgen`, the serving processes from :mod:`leanserve.local_stack`.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import shutil
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,14 @@ import numpy as np
 import yaml
 
 from leanserve.api.resource import InferenceDeployment
+from leanserve.loadgen import load_test, poisson_loadgen
 from leanserve.local_stack import serving_stack
 from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, PlanResult, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
 from leanserve.planner.report import write_report
 from leanserve_serving.bench.evaldata import read_npz
-from leanserve_serving.local import CPUs, pinned, split_cpus
+from leanserve_serving.local import split_cpus
 
 CAMPAIGN = """
 apiVersion: leanserve.dev/v1alpha1
@@ -45,60 +44,6 @@ spec:
 """
 
 Say = Callable[[str], None]
-
-
-@dataclass
-class LoadResult:
-    offered_rps: float
-    achieved_rps: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    errors: float
-
-
-LOADGEN = Path(".cache/loadgen")
-
-
-def _loadgen() -> Path | None:
-    """hack/loadgen (open-loop Poisson arrivals, Go standard library only), built on first use when Go is here."""
-    source = Path(__file__).resolve().parents[2] / "hack" / "loadgen"
-    if not LOADGEN.exists() and shutil.which("go") and source.is_dir():
-        subprocess.run(["go", "build", "-o", str(LOADGEN.resolve()), "."], cwd=source, check=False,
-                       capture_output=True)  # fmt: skip
-    return LOADGEN if LOADGEN.exists() else None
-
-
-def load_test(url: str, body: Path, rate: float, seconds: float, cpus: CPUs = None) -> LoadResult:
-    """Offer ``rate`` req/s for ``seconds`` (the generator on ``cpus``); report what came back.
-
-    With hack/loadgen: Poisson arrivals (what the planner models), latency from each
-    scheduled arrival. Without Go, hey's rate-limited workers, which send in bursts
-    (their tickers run in step), so its percentiles run high.
-    """
-    loadgen = _loadgen()
-    if loadgen is not None:
-        argv = [str(loadgen), "-url", url, "-body", str(body), "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True, **pinned(cpus)).stdout
-        r = json.loads(out)
-        total = r["sent"] or 1
-        return LoadResult(rate, r["achieved_rps"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"] / total)
-    exe = shutil.which("hey")
-    if exe is None:
-        raise RuntimeError("neither Go (for hack/loadgen) nor hey is installed (apt-get install hey)")
-    workers = max(1, min(64, int(rate // 10) or 1))
-    out = subprocess.run([exe, "-z", f"{seconds:g}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m",
-                          "POST", "-T", "application/json", "-D", str(body), url],
-                         capture_output=True, text=True, check=True, **pinned(cpus)).stdout  # fmt: skip
-
-    def pct(p: int) -> float:
-        m = re.search(rf"\s{p}% in ([\d.]+) secs", out)
-        return float(m.group(1)) * 1000 if m else float("nan")
-
-    codes = {int(c): int(n) for c, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
-    total = sum(codes.values()) or 1
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return LoadResult(rate, rps, pct(50), pct(95), pct(99), (total - codes.get(200, 0)) / total)
 
 
 def request_body(model: Path, evaluation: Path, path: Path) -> Path:
@@ -172,7 +117,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     with serving_stack(built.path, "text", w.policy, cpus=server_cpus) as url:  # type: ignore[arg-type]
         say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s; "
             f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
-        generator = "hack/loadgen (Poisson arrivals)" if _loadgen() else "hey (bursty; no Go here)"
+        generator = "hack/loadgen (Poisson arrivals)" if poisson_loadgen() else "hey (bursty; no Go here)"
         say(f"    load generator: {generator}")
         measured = load_test(url, body, rate, load_seconds, client_cpus)
     error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")

@@ -1,0 +1,122 @@
+"""Offered load for local measurements: run a load generator against a URL, return a typed :class:`LoadResult`.
+
+An adapter (it runs processes), used by ``leanserve demo`` and ``benchmarks/planner_accuracy.py``; they
+decide what to load and at what rate, this module only offers it and reads the answer. Two generators:
+
+- hack/loadgen (Go standard library only), built into ``.cache/loadgen`` on first use when Go is here:
+  Poisson arrivals, what the planner models, with latency from each scheduled arrival (no coordinated
+  omission). It prints one JSON object (:func:`parse_loadgen`).
+- hey (``apt-get install hey``) where Go is missing: rate-limited workers, which send in bursts (their
+  tickers run in step), so its percentiles run high. It prints a text report (:func:`parse_hey`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanserve_serving.local import CPUs, pinned
+
+#: Where hack/loadgen is built (relative to the working directory, like the demo's other outputs).
+LOADGEN = Path(".cache/loadgen")
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What came back from offering ``offered_rps`` requests per second for a while."""
+
+    offered_rps: float
+    achieved_rps: float
+    """hack/loadgen: successful responses per second; hey: its Requests/sec line."""
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    """Percentiles are NaN where the generator did not report them (hey skips a level on short runs)."""
+    errors: float
+    """The fraction of requests not answered with 200."""
+
+
+def poisson_loadgen() -> Path | None:
+    """hack/loadgen (open-loop Poisson arrivals, Go standard library only), built on first use when Go is here."""
+    source = Path(__file__).resolve().parents[2] / "hack" / "loadgen"
+    if not LOADGEN.exists() and shutil.which("go") and source.is_dir():
+        argv = ["go", "build", "-o", str(LOADGEN.resolve()), "."]
+        subprocess.run(argv, cwd=source, check=False, capture_output=True)
+    return LOADGEN if LOADGEN.exists() else None
+
+
+def load_test(url: str, body: Path, rate: float, seconds: float, cpus: CPUs = None) -> LoadResult:
+    """Offer ``rate`` req/s of ``body`` to ``url`` for ``seconds`` (the generator on ``cpus``); report what came back.
+
+    hack/loadgen where it can be had, else hey; RuntimeError when neither is here.
+    """
+    loadgen = poisson_loadgen()
+    if loadgen is not None:
+        argv = [str(loadgen), "-url", url, "-body", str(body), "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, **pinned(cpus)).stdout
+        return parse_loadgen(out, offered_rps=rate)
+    exe = shutil.which("hey")
+    if exe is None:
+        raise RuntimeError("neither Go (for hack/loadgen) nor hey is installed (apt-get install hey)")
+    argv = hey_argv(exe, url=url, body=body, rate=rate, seconds=seconds)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, **pinned(cpus)).stdout
+    return parse_hey(out, offered_rps=rate)
+
+
+def hey_argv(exe: str, *, url: str, body: Path, rate: float, seconds: float) -> list[str]:
+    """hey POSTing ``body`` at about ``rate`` req/s for ``seconds``: a worker per 10 req/s (1 to 64), each
+    rate-limited to its share."""
+    workers = max(1, min(64, int(rate // 10) or 1))
+    return [
+        exe,
+        *("-z", f"{seconds:g}s", "-c", str(workers), "-q", f"{rate / workers:.3f}"),
+        *("-m", "POST", "-T", "application/json", "-D", str(body)),
+        url,
+    ]
+
+
+def parse_loadgen(out: str, *, offered_rps: float) -> LoadResult:
+    """hack/loadgen's JSON line as a LoadResult."""
+    r = json.loads(out)
+    sent = r["sent"] or 1
+    return LoadResult(
+        offered_rps=offered_rps,
+        achieved_rps=r["achieved_rps"],
+        p50_ms=r["p50_ms"],
+        p95_ms=r["p95_ms"],
+        p99_ms=r["p99_ms"],
+        errors=r["errors"] / sent,
+    )
+
+
+_REQUESTS_PER_SECOND = re.compile(r"Requests/sec:\s+([\d.]+)")
+_STATUS_CODE = re.compile(r"\[(\d+)\]\s+(\d+) responses")
+
+
+def parse_hey(out: str, *, offered_rps: float) -> LoadResult:
+    """hey's text report (``Requests/sec``, ``Latency distribution``, ``Status code distribution``) as a LoadResult.
+
+    ValueError when ``out`` has no ``Requests/sec`` line (not a hey report).
+    """
+    rps = _REQUESTS_PER_SECOND.search(out)
+    if rps is None:
+        raise ValueError(f"not a hey report (no Requests/sec line): {out[:200]!r}")
+
+    def percentile_ms(p: int) -> float:
+        m = re.search(rf"\s{p}% in ([\d.]+) secs", out)
+        return float(m.group(1)) * 1000 if m else float("nan")
+
+    codes = {int(code): int(n) for code, n in _STATUS_CODE.findall(out)}
+    total = sum(codes.values()) or 1
+    return LoadResult(
+        offered_rps=offered_rps,
+        achieved_rps=float(rps.group(1)),
+        p50_ms=percentile_ms(50),
+        p95_ms=percentile_ms(95),
+        p99_ms=percentile_ms(99),
+        errors=(total - codes.get(200, 0)) / total,
+    )
