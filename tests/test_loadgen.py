@@ -29,7 +29,7 @@ def test_parse_hey_reads_rate_percentiles_and_status_codes() -> None:
     assert r.offered_rps == 100
     assert r.achieved_rps == pytest.approx(53.8273)
     assert (r.p50_ms, r.p95_ms, r.p99_ms) == pytest.approx((44.0, 48.0, 56.3))
-    assert r.errors == pytest.approx(20 / 180)  # the 503s among the responses
+    assert r.errors == pytest.approx(40 / 200)  # 20 answered 503, 20 not answered (EOF)
 
 
 def test_parse_hey_gives_nan_for_a_percentile_hey_left_out() -> None:
@@ -40,8 +40,10 @@ def test_parse_hey_gives_nan_for_a_percentile_hey_left_out() -> None:
 
 
 def test_parse_hey_counts_a_run_without_responses_as_all_errors() -> None:
-    r = parse_hey((HEY_REPORTS / "connection-refused.txt").read_text(), offered_rps=40)
+    report = (HEY_REPORTS / "connection-refused.txt").read_text()
+    r = parse_hey(report, offered_rps=40)
     assert r.errors == 1.0
+    assert parse_hey(report.replace("[10]", "[0]"), offered_rps=40).errors == 1.0  # nothing counted at all
     assert math.isnan(r.p50_ms) and math.isnan(r.p95_ms)
 
 

@@ -37,7 +37,7 @@ class LoadResult:
     p99_ms: float
     """Percentiles are NaN where the generator did not report them (hey skips a level on short runs)."""
     errors: float
-    """The fraction of requests not answered with 200."""
+    """The fraction of requests not answered with 200 (a transport error, such as a refused connection, counts)."""
 
 
 def poisson_loadgen() -> Path | None:
@@ -95,10 +95,13 @@ def parse_loadgen(out: str, *, offered_rps: float) -> LoadResult:
 
 _REQUESTS_PER_SECOND = re.compile(r"Requests/sec:\s+([\d.]+)")
 _STATUS_CODE = re.compile(r"\[(\d+)\]\s+(\d+) responses")
+_ERROR_COUNT = re.compile(r"^\s*\[(\d+)\]", re.MULTILINE)
 
 
 def parse_hey(out: str, *, offered_rps: float) -> LoadResult:
-    """hey's text report (``Requests/sec``, ``Latency distribution``, ``Status code distribution``) as a LoadResult.
+    """hey's text report (``Requests/sec``, ``Latency distribution``, ``Status code distribution``, ``Error
+    distribution``) as a LoadResult. Requests that got no response (hey lists them under ``Error distribution``,
+    by message) count as errors, as hack/loadgen counts them.
 
     ValueError when ``out`` has no ``Requests/sec`` line (not a hey report).
     """
@@ -110,8 +113,10 @@ def parse_hey(out: str, *, offered_rps: float) -> LoadResult:
         m = re.search(rf"\s{p}% in ([\d.]+) secs", out)
         return float(m.group(1)) * 1000 if m else float("nan")
 
-    codes = {int(code): int(n) for code, n in _STATUS_CODE.findall(out)}
-    total = sum(codes.values()) or 1
+    responses, _, failures = out.partition("Error distribution:")
+    codes = {int(code): int(n) for code, n in _STATUS_CODE.findall(responses)}
+    unanswered = sum(int(n) for n in _ERROR_COUNT.findall(failures))
+    total = sum(codes.values()) + unanswered or 1
     return LoadResult(
         offered_rps=offered_rps,
         achieved_rps=float(rps.group(1)),
