@@ -1,4 +1,12 @@
-"""The serving stack as local processes, for people without a cluster (leanserve serve, leanserve demo)."""
+"""The serving stack as local processes, batching by a planner :class:`Policy`, for people without a cluster.
+
+Used by ``leanserve serve``, ``leanserve demo`` and ``benchmarks/planner_accuracy.py``. Why a module of
+its own rather than calls to ``leanserve_serving.local``: the processes belong to the serving image, which
+never imports the operator, while the operator's callers hold the batching the planner chose as one value,
+a :class:`Policy` (the plan's ``policy``); this is the one place where it becomes the sidecar's two
+settings, so no caller unpacks it by hand. ``free_port`` and ``wait_ready`` are re-exported for the
+serving tests' harness (tests/serving_harness.py).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +23,24 @@ __all__ = ["free_port", "serving_stack", "wait_ready"]
 
 @contextlib.contextmanager
 def serving_stack(
-    model: Path, name: str, policy: Policy, port: int | None = None, redis_url: str = "", quiet: bool = True,
+    model: Path,
+    name: str,
+    policy: Policy,
+    *,
+    port: int | None = None,
+    redis_url: str = "",
+    quiet: bool = True,
     cpus: local.CPUs = None,
-) -> Iterator[str]:  # fmt: skip
+) -> Iterator[str]:
     """The model server and the sidecar with ``policy``'s batching (on ``cpus``); yields the infer URL."""
-    with local.serving_stack(model, name, policy.max_batch, policy.max_wait_ms, port, redis_url, quiet,
-                             cpus) as url:  # fmt: skip
+    with local.serving_stack(
+        model,
+        name,
+        max_batch=policy.max_batch,
+        max_wait_ms=policy.max_wait_ms,
+        port=port,
+        redis_url=redis_url,
+        quiet=quiet,
+        cpus=cpus,
+    ) as url:
         yield url
