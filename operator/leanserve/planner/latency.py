@@ -14,6 +14,13 @@ model server, model), its spread (each batch's time is the mean times a draw
 from the measured jitter) and the time a request spends outside the batch path
 (a draw added to each request). Without them (older profiles), service times
 are the model's alone, constant, and a fixed ``overhead_ms`` is added.
+
+The measurements arrive as the bench's ``Profile`` (``leanserve_serving.profile``,
+in the serving image): that schema is the contract between the bench, which
+writes it, and the planner, which reads it (``plan.service_curve`` turns a
+variant's profile into a :class:`ServiceCurve`; ``STACK_LEVELS`` are the quantile
+levels of its jitter and outside times). A change to it is a change to both
+sides, made there, with its ``schema_version``.
 """
 
 from __future__ import annotations
@@ -119,15 +126,21 @@ def simulate(
     batched = np.flatnonzero(~single)
     if batched.size:
         jitter = np.stack([_multipliers(curves[c].jitter, u_service) for c in batched])
-        lat_b, batch_b = _simulate_batches([curves[c] for c in batched], [policies[c] for c in batched],
-                                           rates[batched], unit, requests, jitter)  # fmt: skip
+        batched_curves, batched_policies = [curves[c] for c in batched], [policies[c] for c in batched]
+        lat_b, batch_b = _simulate_batches(batched_curves, batched_policies, rates[batched], unit, requests, jitter)
         latency[batched] = summarise(batched, np.stack(lat_b))
         mean_batch[batched] = batch_b
     return latency, mean_batch
 
 
-def _simulate_batches(curves: list[ServiceCurve], policies: list[Policy], rates: np.ndarray, unit: np.ndarray,
-                      requests: int, jitter: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+def _simulate_batches(
+    curves: list[ServiceCurve],
+    policies: list[Policy],
+    rates: np.ndarray,
+    unit: np.ndarray,
+    requests: int,
+    jitter: np.ndarray,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-request latency (s) and mean batch size of batching configurations, stepping batch by batch.
 
     ``jitter[c, j]`` multiplies the service time of configuration c's j-th batch."""
@@ -166,6 +179,12 @@ def _simulate_batches(curves: list[ServiceCurve], policies: list[Policy], rates:
     return latencies, mean_batch
 
 
+def _best_throughput(curve: ServiceCurve, policy: Policy) -> float:
+    """Rows per second (rows / service time) at the batch size, up to the policy's largest, that serves most."""
+    points = zip(curve.batch_sizes, curve.mean_ms, strict=True)
+    return max(b / (t / 1000.0) for b, t in points if b <= policy.max_batch)
+
+
 def max_rate(
     curves: list[ServiceCurve],
     policies: list[Policy],
@@ -184,9 +203,8 @@ def max_rate(
     queue a server at 99 % load builds over hours, and a replica needs headroom.
     """
     k = len(curves)
-    # Upper bound: the best throughput any batch size allows (rows / service time).
-    ceiling = np.array([max(b / (t / 1000.0) for b, t in zip(c.batch_sizes, c.mean_ms, strict=True)
-                            if b <= p.max_batch) for c, p in zip(curves, policies, strict=True)])  # fmt: skip
+    # Upper bound: the best throughput each policy allows.
+    ceiling = np.array([_best_throughput(c, p) for c, p in zip(curves, policies, strict=True)])
     lo, hi = np.zeros(k), ceiling * max_utilization
     trickle, _ = simulate(curves, policies, ceiling * 1e-3, percentile, overhead_ms, requests)
     feasible = trickle <= target_ms
