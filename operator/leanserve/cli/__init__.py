@@ -1,7 +1,18 @@
-"""The ``leanserve`` command: one CLI, one subcommand per job.
+"""The ``leanserve`` command: one CLI, one subcommand per job, each in its own ``*_cmd`` module.
 
-Subcommands are thin: they parse arguments, call the core, and print. Later
-issues add ``bench``, ``plan``, ``serve`` and ``operator`` here.
+- ``validate``: check InferenceDeployment files against the API before applying them;
+- ``crds``: write (or check) the CRD YAML generated from the API models;
+- ``bench``: profile a model's precision variants on this machine (what the profiling Job runs);
+- ``plan``: the cheapest configuration that meets the SLA, from profiles and a price table;
+- ``serve``: the serving stack (model server behind the sidecar) as local processes;
+- ``demo``: the whole pipeline on this machine, no cluster: bench, plan, serve, load, compare;
+- ``operator``: run the kopf operator against a cluster.
+
+Each module has ``register(sub)``, which adds its parser and sets ``func``, and
+``run(args)``, which returns the exit status. Subcommands are thin: they parse
+arguments, call the core (or an adapter) and print. Heavy imports (rich, kopf,
+ONNX Runtime) wait inside ``run``, so ``--version``, ``validate`` and ``crds``
+need only the base install (pydantic, PyYAML).
 """
 
 from __future__ import annotations
