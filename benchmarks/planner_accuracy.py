@@ -62,39 +62,65 @@ def meets(run: dict[str, float], target: float) -> bool:
 def measure_model(name: str, make, work: Path, seconds: float) -> dict[str, object]:  # noqa: ANN001
     ref = make(work / name)
     print(f"[{name}] profiling (model alone, then through the serving stack) ...", file=sys.stderr)
-    profile = run_bench(BenchOptions(ref.model, ref.evaluation, instance_type="local", max_batch=64,
-                                     seconds_per_point=0.2, cpus=SERVER_CPUS, client_cpus=CLIENT_CPUS))  # fmt: skip
+    options = BenchOptions(
+        model=ref.model,
+        evaluation=ref.evaluation,
+        instance_type="local",
+        max_batch=64,
+        seconds_per_point=0.2,
+        cpus=SERVER_CPUS,
+        client_cpus=CLIENT_CPUS,
+    )
+    profile = run_bench(options)
     spec = InferenceDeployment.model_validate(yaml.safe_load(SPEC)).spec
-    options = PlanOptions()
-    result = plan_deployment(spec, [profile], load_prices(), options)
+    plan_options = PlanOptions()
+    result = plan_deployment(spec, [profile], load_prices(), plan_options)
     w = result.winner
     assert w is not None, result.infeasible
     target = spec.sla.latency.target_ms
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
     # The planner sizes with w.capacity_rps (its headroom included); the accuracy question is the rate at
     # which the SLA actually breaks, so predict that without the headroom, with a long simulation.
-    [predicted_max] = max_rate([curve], [w.policy], 95, target, options.overhead_ms, iterations=14,
-                               requests=PREDICTION_REQUESTS, max_utilization=1.0)  # fmt: skip
+    [predicted_max] = max_rate(
+        [curve],
+        [w.policy],
+        percentile=95,
+        target_ms=target,
+        overhead_ms=plan_options.overhead_ms,
+        iterations=14,
+        requests=PREDICTION_REQUESTS,
+        max_utilization=1.0,
+    )
 
     def predict(rate: float) -> float:
-        lat, _ = simulate([curve], [w.policy], np.array([rate]), 95, options.overhead_ms, PREDICTION_REQUESTS)
+        lat, _ = simulate([curve], [w.policy], np.array([rate]), 95, plan_options.overhead_ms, PREDICTION_REQUESTS)
         return float(lat[0])
 
     [built] = build_variants(ref.model, read_npz(ref.evaluation), work / name, False, [w.variant])
     body = request_body(ref.model, ref.evaluation, work / name / "request.json")
     runs: list[dict[str, float]] = []
-    print(f"[{name}] plan {w.label()}: predicted max {predicted_max:.0f} req/s at the SLA, planned "
-          f"{w.capacity_rps:.0f} req/s per replica; loading ...", file=sys.stderr)  # fmt: skip
+    print(
+        f"[{name}] plan {w.label()}: predicted max {predicted_max:.0f} req/s at the SLA, planned "
+        f"{w.capacity_rps:.0f} req/s per replica; loading ...",
+        file=sys.stderr,
+    )
     with serving_stack(built.path, name, w.policy, cpus=SERVER_CPUS) as url:  # type: ignore[arg-type]
 
         def run(rate: float) -> dict[str, float]:
             m = load_test(url, body, rate, seconds, CLIENT_CPUS)
-            r = {"offered_rps": round(rate, 1), "served_rps": round(m.achieved_rps, 1),
-                 "predicted_p95_ms": round(predict(rate), 2), "measured_p95_ms": round(m.p95_ms, 2),
-                 "errors": m.errors}  # fmt: skip
+            r = {
+                "offered_rps": round(rate, 1),
+                "served_rps": round(m.achieved_rps, 1),
+                "predicted_p95_ms": round(predict(rate), 2),
+                "measured_p95_ms": round(m.p95_ms, 2),
+                "errors": m.errors,
+            }
             runs.append(r)
-            print(f"[{name}]   offered {r['offered_rps']:8.1f} served {r['served_rps']:8.1f} p95 predicted "
-                  f"{r['predicted_p95_ms']:7.1f} measured {r['measured_p95_ms']:7.1f} ms", file=sys.stderr)  # fmt: skip
+            print(
+                f"[{name}]   offered {r['offered_rps']:8.1f} served {r['served_rps']:8.1f} p95 predicted "
+                f"{r['predicted_p95_ms']:7.1f} measured {r['measured_p95_ms']:7.1f} ms",
+                file=sys.stderr,
+            )
             return r
 
         load_test(url, body, max(1.0, predicted_max * 0.1), 2, CLIENT_CPUS)  # warm-up
@@ -111,21 +137,33 @@ def measure_model(name: str, make, work: Path, seconds: float) -> dict[str, obje
                 factor -= STEP
         measured_max = predicted_max * factor
 
-    def error(measured: float, predicted: float) -> float:
-        return round(predicted / measured - 1, 3) if measured else float("nan")
-
     return {
-        "model": name, "plan": w.label(), "planned_capacity_rps": round(w.capacity_rps, 1),
-        "predicted_max_rps": round(predicted_max, 1), "measured_max_rps": round(measured_max, 1),
+        "model": name,
+        "plan": w.label(),
+        "planned_capacity_rps": round(w.capacity_rps, 1),
+        "predicted_max_rps": round(predicted_max, 1),
+        "measured_max_rps": round(measured_max, 1),
         "capacity_error": error(measured_max, predicted_max),
-        "p95_at_half": {"rate": half["offered_rps"], "predicted_ms": half["predicted_p95_ms"],
-                        "measured_ms": half["measured_p95_ms"],
-                        "error": error(half["measured_p95_ms"], half["predicted_p95_ms"])},
-        "p95_at_planned": {"rate": planned["offered_rps"], "predicted_ms": planned["predicted_p95_ms"],
-                           "measured_ms": planned["measured_p95_ms"],
-                           "error": error(planned["measured_p95_ms"], planned["predicted_p95_ms"])},
+        "p95_at_half": p95_figures(half),
+        "p95_at_planned": p95_figures(planned),
         "runs": runs,
-    }  # fmt: skip
+    }
+
+
+def error(measured: float, predicted: float) -> float:
+    """predicted / measured - 1, rounded (NaN where nothing was measured)."""
+    return round(predicted / measured - 1, 3) if measured else float("nan")
+
+
+def p95_figures(run: dict[str, float]) -> dict[str, float]:
+    """One run's p95, predicted against measured."""
+    predicted, measured = run["predicted_p95_ms"], run["measured_p95_ms"]
+    return {
+        "rate": run["offered_rps"],
+        "predicted_ms": predicted,
+        "measured_ms": measured,
+        "error": error(measured, predicted),
+    }
 
 
 def main() -> None:
@@ -139,17 +177,25 @@ def main() -> None:
         results = [measure_model(m, makers[m], Path(tmp), args.seconds) for m in args.models.split(",")]
     generator = "hack/loadgen, Poisson arrivals" if poisson_loadgen() else "hey, rate-limited workers (bursty)"
     where = f"serving on CPUs {sorted(SERVER_CPUS)}, load from CPU {sorted(CLIENT_CPUS)}" if SERVER_CPUS else "one CPU"
-    print(f"\nplanner accuracy: p95 < 100 ms, open-loop load ({generator}; {where}), {args.seconds:g} s per rate; "
-          "error = predicted / measured - 1\n")  # fmt: skip
+    print(
+        f"\nplanner accuracy: p95 < 100 ms, open-loop load ({generator}; {where}), {args.seconds:g} s per rate; "
+        "error = predicted / measured - 1\n"
+    )
     for r in results:
-        print(f"{r['model']}: plan {r['plan']} (planned {r['planned_capacity_rps']:.0f} req/s per replica, "
-              "the planner's headroom included)")  # fmt: skip
-        print(f"  max sustainable rate at the SLA: predicted {r['predicted_max_rps']:.0f} req/s, measured "
-              f"{r['measured_max_rps']:.0f} req/s (error {r['capacity_error']:+.0%}; 5 % steps)")  # fmt: skip
+        print(
+            f"{r['model']}: plan {r['plan']} (planned {r['planned_capacity_rps']:.0f} req/s per replica, "
+            "the planner's headroom included)"
+        )
+        print(
+            f"  max sustainable rate at the SLA: predicted {r['predicted_max_rps']:.0f} req/s, measured "
+            f"{r['measured_max_rps']:.0f} req/s (error {r['capacity_error']:+.0%}; 5 % steps)"
+        )
         for key, what in (("p95_at_half", "half the predicted max"), ("p95_at_planned", "the planned rate")):
             h = r[key]
-            print(f"  p95 at {what} ({h['rate']:.0f} req/s): predicted {h['predicted_ms']:.1f} ms, measured "
-                  f"{h['measured_ms']:.1f} ms (error {h['error']:+.0%})")  # fmt: skip
+            print(
+                f"  p95 at {what} ({h['rate']:.0f} req/s): predicted {h['predicted_ms']:.1f} ms, measured "
+                f"{h['measured_ms']:.1f} ms (error {h['error']:+.0%})"
+            )
     print(f"(took {time.monotonic() - started:.0f} s)")
     print(json.dumps({"benchmark": "planner_accuracy", "results": results}))
 

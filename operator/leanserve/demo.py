@@ -75,19 +75,30 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     say("2/5 profiling fp32, int8-dynamic and int8-static on this machine (leanserve bench)")
     server_cpus, client_cpus = split_cpus()
     if server_cpus:
-        say(f"    the serving processes run on CPU(s) {sorted(server_cpus)}, the load generator on "
-            f"{sorted(client_cpus or ())} (in a cluster, clients are elsewhere)")  # fmt: skip
-    profile = run_bench(BenchOptions(ref.model, ref.evaluation, instance_type="local", max_batch=32,
-                                     seconds_per_point=0.2, cpus=server_cpus, client_cpus=client_cpus),
-                        progress=lambda m: say(f"    {m}"))  # fmt: skip
+        say(
+            f"    the serving processes run on CPU(s) {sorted(server_cpus)}, the load generator on "
+            f"{sorted(client_cpus or ())} (in a cluster, clients are elsewhere)"
+        )
+    options = BenchOptions(
+        model=ref.model,
+        evaluation=ref.evaluation,
+        instance_type="local",
+        max_batch=32,
+        seconds_per_point=0.2,
+        cpus=server_cpus,
+        client_cpus=client_cpus,
+    )
+    profile = run_bench(options, progress=lambda m: say(f"    {m}"))
     (work / "profiles").mkdir(exist_ok=True)
     (work / "profiles" / "text-local.json").write_text(profile.model_dump_json(indent=2))
     for v in profile.variants:
         best = v.best()
         if best:
             speed = f"best {best.throughput_rps:.0f} rows/s at batch {best.batch_size}"
-            say(f"    {v.name:13} accuracy {v.quality:.4f} (drop {v.quality_drop:+.4f}), "
-                f"b=1 p50 {v.latency[0].p50_ms:.2f} ms, {speed}")  # fmt: skip
+            say(
+                f"    {v.name:13} accuracy {v.quality:.4f} (drop {v.quality_drop:+.4f}), "
+                f"b=1 p50 {v.latency[0].p50_ms:.2f} ms, {speed}"
+            )
         else:
             say(f"    {v.name:13} {v.status}: {v.reason}")
 
@@ -98,8 +109,10 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     if result.winner is None:
         raise RuntimeError(result.infeasible)
     w = result.winner
-    say(f"    plan: {w.label()}: {w.capacity_rps:.0f} req/s per replica, predicted p95 {w.latency_ms:.1f} ms, "
-        f"{min(w.replicas_hourly)}..{w.replicas_peak} replicas, ${w.cost_per_million:.4f} per 1M requests")  # fmt: skip
+    say(
+        f"    plan: {w.label()}: {w.capacity_rps:.0f} req/s per replica, predicted p95 {w.latency_ms:.1f} ms, "
+        f"{min(w.replicas_hourly)}..{w.replicas_peak} replicas, ${w.cost_per_million:.4f} per 1M requests"
+    )
     for step in result.waterfall:
         say(f"    {step.lever:13} ${step.cost_per_million:8.4f}/1M  {step.description}")
 
@@ -107,37 +120,55 @@ def run_demo(work: Path, say: Say, load_seconds: float = 15.0) -> dict[str, Any]
     variant_dir = work / "variants"
     variant_dir.mkdir(exist_ok=True)
     [built] = build_variants(ref.model, read_npz(ref.evaluation), variant_dir, False, [w.variant])
-    say("    cache: off for the load test (it measures the model path the replicas are sized for; "
-        "hits would flatter it)")  # fmt: skip
+    say(
+        "    cache: off for the load test (it measures the model path the replicas are sized for; "
+        "hits would flatter it)"
+    )
     body = request_body(ref.model, ref.evaluation, work / "request.json")
     # The rate one replica carries at the daily peak under this plan (model traffic, after cache hits).
     rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
     curve = service_curve(profile.variant(w.variant))  # type: ignore[arg-type]
     predicted_p95 = float(simulate([curve], [w.policy], np.array([rate]), 95, PlanOptions().overhead_ms)[0][0])
     with serving_stack(built.path, "text", w.policy, cpus=server_cpus) as url:  # type: ignore[arg-type]
-        say(f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s; "
-            f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s")  # fmt: skip
+        say(
+            f"5/5 loading it at the planned per-replica peak rate, {rate:.0f} req/s, for {load_seconds:g} s; "
+            f"the planner's ceiling per replica is {w.capacity_rps:.0f} req/s"
+        )
         generator = "hack/loadgen (Poisson arrivals)" if poisson_loadgen() else "hey (bursty; no Go here)"
         say(f"    load generator: {generator}")
         measured = load_test(url, body, rate, load_seconds, client_cpus)
     error = measured.p95_ms / predicted_p95 - 1 if predicted_p95 else float("nan")
-    say(f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "
+    say(
+        f"    predicted p95 {predicted_p95:.1f} ms, measured p95 {measured.p95_ms:.1f} ms ({error:+.0%}); "
         f"offered {measured.offered_rps:.0f} req/s, served {measured.achieved_rps:.0f} req/s, "
-        f"errors {measured.errors:.1%}")  # fmt: skip
+        f"errors {measured.errors:.1%}"
+    )
     baseline = result.waterfall[0].cost_per_million
-    say(f"    cost per 1M requests: ${w.cost_per_million:.4f} against ${baseline:.4f} for the naive baseline "
-        f"({1 - w.cost_per_million / baseline:.0%} less)")  # fmt: skip
+    say(
+        f"    cost per 1M requests: ${w.cost_per_million:.4f} against ${baseline:.4f} for the naive baseline "
+        f"({1 - w.cost_per_million / baseline:.0%} less)"
+    )
     say(f"    report: {', '.join(str(p) for p in report)}")
     threads = len(server_cpus) if server_cpus else cpu_limit()
     return {
-        "model": "text (MiniLM + head)", "accuracy_fp32": ref.accuracy, "plan": w.label(),
-        "precision": w.variant, "max_batch": w.policy.max_batch, "max_wait_ms": w.policy.max_wait_ms,
-        "predicted_capacity_rps": round(w.capacity_rps, 1), "offered_rps": round(rate, 1),
+        "model": "text (MiniLM + head)",
+        "accuracy_fp32": ref.accuracy,
+        "plan": w.label(),
+        "precision": w.variant,
+        "max_batch": w.policy.max_batch,
+        "max_wait_ms": w.policy.max_wait_ms,
+        "predicted_capacity_rps": round(w.capacity_rps, 1),
+        "offered_rps": round(rate, 1),
         "measured_served_rps": round(measured.achieved_rps, 1),
-        "predicted_p95_ms": round(predicted_p95, 2), "measured_p95_ms": round(measured.p95_ms, 2),
-        "p95_error": round(error, 3), "sla_met": measured.p95_ms <= spec.sla.latency.target_ms,
-        "cost_per_million": round(w.cost_per_million, 4), "baseline_cost_per_million": round(baseline, 4),
+        "predicted_p95_ms": round(predicted_p95, 2),
+        "measured_p95_ms": round(measured.p95_ms, 2),
+        "p95_error": round(error, 3),
+        "sla_met": measured.p95_ms <= spec.sla.latency.target_ms,
+        "cost_per_million": round(w.cost_per_million, 4),
+        "baseline_cost_per_million": round(baseline, 4),
         "waterfall": {s.lever: round(s.cost_per_million, 4) for s in result.waterfall},
-        "replicas": {"min": min(w.replicas_hourly), "peak": w.replicas_peak}, "threads": threads,
-        "seconds": round(time.monotonic() - started, 1), "report": str(work / "report"),
-    }  # fmt: skip
+        "replicas": {"min": min(w.replicas_hourly), "peak": w.replicas_peak},
+        "threads": threads,
+        "seconds": round(time.monotonic() - started, 1),
+        "report": str(work / "report"),
+    }

@@ -37,23 +37,41 @@ HEADER = (
 #: ``kubectl get infd`` columns. JSONPaths point into the status schema; a test
 #: checks that each one resolves to a field of the right type.
 PRINTER_COLUMNS: list[dict[str, Any]] = [
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Where the deployment stands"},
-    {"name": "Instance", "type": "string", "jsonPath": ".status.plan.instanceType",
-     "description": "Instance type the planner chose"},
-    {"name": "Precision", "type": "string", "jsonPath": ".status.plan.precision",
-     "description": "Model precision served"},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas",
-     "description": "Ready serving replicas"},
-    {"name": "Cost/1M", "type": "number", "jsonPath": ".status.plan.costPerMillionRequests",
-     "description": "Predicted USD per million requests"},
-    {"name": "Observed/1M", "type": "number", "priority": 1,
-     "jsonPath": ".status.observed.costPerMillionRequests",
-     "description": "Observed USD per million requests (Prometheus)"},
-    {"name": "P95", "type": "number", "jsonPath": ".status.observed.p95Ms",
-     "description": "Observed p95 latency in milliseconds (Prometheus)"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Where the deployment stands"},
+    {
+        "name": "Instance",
+        "type": "string",
+        "jsonPath": ".status.plan.instanceType",
+        "description": "Instance type the planner chose",
+    },
+    {
+        "name": "Precision",
+        "type": "string",
+        "jsonPath": ".status.plan.precision",
+        "description": "Model precision served",
+    },
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas", "description": "Ready serving replicas"},
+    {
+        "name": "Cost/1M",
+        "type": "number",
+        "jsonPath": ".status.plan.costPerMillionRequests",
+        "description": "Predicted USD per million requests",
+    },
+    {
+        "name": "Observed/1M",
+        "type": "number",
+        "priority": 1,
+        "jsonPath": ".status.observed.costPerMillionRequests",
+        "description": "Observed USD per million requests (Prometheus)",
+    },
+    {
+        "name": "P95",
+        "type": "number",
+        "jsonPath": ".status.observed.p95Ms",
+        "description": "Observed p95 latency in milliseconds (Prometheus)",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-]  # fmt: skip
+]
 
 _DROPPED_KEYS = {"title"}
 
@@ -177,5 +195,13 @@ def write_crds(out_dir: Path) -> Path:
     return path
 
 
-__all__ = ["API_VERSION", "CRD_FILENAME", "PRINTER_COLUMNS", "crd_yaml", "openapi_schema", "render_crd",
-           "to_structural", "write_crds"]  # fmt: skip
+__all__ = [
+    "API_VERSION",
+    "CRD_FILENAME",
+    "PRINTER_COLUMNS",
+    "crd_yaml",
+    "openapi_schema",
+    "render_crd",
+    "to_structural",
+    "write_crds",
+]

@@ -20,12 +20,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: the CPU limit)")
     add_timing_arguments(p)
     p.add_argument("--out", type=Path, help="write the full profile (JSON) here")
-    p.add_argument("--compact-out", type=Path,
-                   help="write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log")  # fmt: skip
+    compact_help = "write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log"
+    p.add_argument("--compact-out", type=Path, help=compact_help)
     p.set_defaults(func=run)
 
 
-def _fmt(value: float | None, spec: str) -> str:
+#: The summary table's columns, and the format of each figure of a summary row in them.
+COLUMNS = (
+    ("variant", "variant", ""),
+    ("status", "status", ""),
+    (None, "quality", ".4f"),  # headed by the profile's metric
+    ("drop", "drop", "+.4f"),
+    ("p50 b=1 ms", "p50_b1_ms", ".3f"),
+    ("best batch", "best_batch", "d"),
+    ("best rows/s", "best_rps", ".0f"),
+    ("x fp32 best", "vs_fp32_best", ".2f"),
+    ("x fp32 b=1", "vs_fp32_b1", ".1f"),
+    ("load s", "load_s", ".3f"),
+    ("RSS MB", "rss_mb", ".0f"),
+)
+
+
+def _fmt(value: float | str | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -38,26 +54,28 @@ def run(args: argparse.Namespace) -> int:
 
     console = wide_console(stderr=True)
     options = BenchOptions(
-        model=args.model, evaluation=args.evaluation, instance_type=args.instance_type, metric=args.metric,
-        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), threads=args.threads,
+        model=args.model,
+        evaluation=args.evaluation,
+        instance_type=args.instance_type,
+        metric=args.metric,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        threads=args.threads,
         **timing_options(args),
-    )  # fmt: skip
+    )
     try:
         with console.status("profiling") as status:
             profile = run_bench(options, progress=lambda msg: (status.update(msg), console.log(msg)))
     except BenchError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    table = Table(title=f"{profile.model_name} on {profile.instance_type} ({profile.hardware.cpu_model}, "
-                  f"{profile.hardware.vcpus} vCPU, {profile.threads} threads)")  # fmt: skip
-    for col in ("variant", "status", profile.metric, "drop", "p50 b=1 ms", "best batch", "best rows/s",
-                "x fp32 best", "x fp32 b=1", "load s", "RSS MB"):  # fmt: skip
-        table.add_column(col)
-    for r in summary_rows(profile):
-        table.add_row(r["variant"], r["status"], _fmt(r["quality"], ".4f"), _fmt(r["drop"], "+.4f"),
-                      _fmt(r["p50_b1_ms"], ".3f"), _fmt(r["best_batch"], "d"), _fmt(r["best_rps"], ".0f"),
-                      _fmt(r["vs_fp32_best"], ".2f"), _fmt(r["vs_fp32_b1"], ".1f"), _fmt(r["load_s"], ".3f"),
-                      _fmt(r["rss_mb"], ".0f"))  # fmt: skip
+    hw = profile.hardware
+    where = f"{hw.cpu_model}, {hw.vcpus} vCPU, {profile.threads} threads"
+    table = Table(title=f"{profile.model_name} on {profile.instance_type} ({where})")
+    for heading, _, _ in COLUMNS:
+        table.add_column(heading or profile.metric)
+    rows = summary_rows(profile)
+    for r in rows:
+        table.add_row(*(_fmt(r[key], spec) for _, key, spec in COLUMNS))
     console.print(table)
     if args.out:
         args.out.write_text(profile.model_dump_json(indent=2))
@@ -65,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     compact = profile.to_compact()
     if args.compact_out:
         args.compact_out.write_text(compact)
-    print(json.dumps({"model": profile.model_name, "digest": profile.model_digest, "compact_bytes": len(compact),
-                      "variants": summary_rows(profile)}))  # fmt: skip
+    figures = {"model": profile.model_name, "digest": profile.model_digest, "compact_bytes": len(compact)}
+    print(json.dumps({**figures, "variants": rows}))
     sys.stdout.flush()
     return 0

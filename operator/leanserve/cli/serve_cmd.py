@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     policy = Policy(args.max_batch_size, args.max_wait_ms) if args.sidecar else Policy(1, 0.0)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the children on SIGTERM too
     try:
-        with serving_stack(args.model, args.name, policy, port=args.port, redis_url=args.redis_url,
-                           quiet=False) as url:  # fmt: skip
-            print(f"serving '{args.name}' at {url} (sidecar: batching up to {policy.max_batch}"
-                  + (", exact cache" if args.redis_url else "") + ")")  # fmt: skip
+        stack = serving_stack(args.model, args.name, policy, port=args.port, redis_url=args.redis_url, quiet=False)
+        with stack as url:
+            cache = ", exact cache" if args.redis_url else ""
+            print(f"serving '{args.name}' at {url} (sidecar: batching up to {policy.max_batch}{cache})")
             print(f"metrics at {url.split('/v2/')[0]}/metrics; Ctrl-C stops")
             while True:
                 time.sleep(3600)
