@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import logging
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +18,11 @@ import numpy as np
 import orjson
 import pytest
 
+from leanserve_serving.batcher import AnswerTimeoutError, DynamicBatcher, QueueFullError, UpstreamShapeError
+from leanserve_serving.cache import RedisHealth
+from leanserve_serving.config import SidecarConfig
+from leanserve_serving.sidecar import create_app
+from leanserve_serving.tensors import InferRequest, Tensor
 from tests.onnx_models import make_mlp, make_seq, make_text
 from tests.serving_harness import (
     Process,
@@ -320,6 +327,125 @@ def test_full_queue_answers_429_with_retry_after(slow_upstream, workdir, started
         assert "queue full" in err["error"]
         assert headers["Retry-After"] == "1"
     assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200  # and it serves again once drained
+
+
+# ---- errors: the batcher's own, HTTP chosen at the edge; Redis failing open -----------------------
+
+
+def _one_row(rows_: int = 1) -> InferRequest:
+    data = np.zeros((rows_, 64), np.float32)
+    return InferRequest(inputs=[Tensor("input", "FP32", data.shape, data)])
+
+
+def test_the_batcher_imports_nothing_http():
+    """Transport stays out of batching: a fresh interpreter importing the batcher loads no HTTP module."""
+    code = "import sys, leanserve_serving.batcher; print(*sorted(sys.modules), sep='\\n')"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "leanserve_serving.batcher" in loaded
+    http = [m for m in loaded if m.split(".")[0] in ("aiohttp", "http") or m == "leanserve_serving.http"]
+    assert http == []
+
+
+def test_the_batcher_raises_its_own_errors():
+    async def hang(model: str, request: InferRequest) -> list[Tensor]:
+        await asyncio.Event().wait()  # never set
+        return []
+
+    async def unbatched(model: str, request: InferRequest) -> list[Tensor]:
+        data = np.zeros(2, np.float32)  # no batch dimension
+        return [Tensor("logits", "FP32", data.shape, data)]
+
+    async def run() -> None:
+        full = DynamicBatcher(hang, max_batch_size=4, max_wait_s=0.0, max_queue=0, concurrency=1)
+        with pytest.raises(QueueFullError, match=r"^queue full \(0 requests waiting\); retry shortly$"):
+            await full.submit("mlp", _one_row(), timeout_s=10)
+        stuck = DynamicBatcher(hang, max_batch_size=4, max_wait_s=0.0, max_queue=8, concurrency=1)
+        with pytest.raises(AnswerTimeoutError, match=r"^no answer from the model within 0.01 s$"):
+            await stuck.submit("mlp", _one_row(), timeout_s=0.01)
+        bad = DynamicBatcher(unbatched, max_batch_size=4, max_wait_s=0.0, max_queue=8, concurrency=1)
+        with pytest.raises(UpstreamShapeError) as caught:
+            await bad.submit("mlp", _one_row(), timeout_s=10)
+        assert str(caught.value) == "upstream output 'logits' has shape [2], not batched along 1 rows"
+        assert (caught.value.output, caught.value.shape, caught.value.rows) == ("logits", (2,), 1)
+
+    asyncio.run(run())
+
+
+def _through_an_in_process_sidecar(logits_shape: list[int] | None, **settings: object) -> tuple[int, dict, dict]:
+    """One request through the sidecar's real application (in this process) to a stand-in v2 upstream that
+    answers ``logits`` of ``logits_shape``, or not at all when it is None (until the request is answered)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def run() -> tuple[int, dict, dict]:
+        answered = asyncio.Event()
+
+        async def ready(_: web.Request) -> web.Response:
+            return web.json_response({"ready": True})
+
+        async def metadata(_: web.Request) -> web.Response:
+            return web.json_response(
+                {"name": "mlp", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]}
+            )
+
+        async def infer(_: web.Request) -> web.Response:
+            if logits_shape is None:
+                await answered.wait()
+            size = int(np.prod(logits_shape or [0]))
+            output = {"name": "logits", "datatype": "FP32", "shape": logits_shape, "data": [0.0] * size}
+            return web.json_response({"outputs": [output]})
+
+        upstream = web.Application()
+        upstream.router.add_get("/v2/health/ready", ready)
+        upstream.router.add_get("/v2/models/mlp", metadata)
+        upstream.router.add_post("/v2/models/mlp/infer", infer)
+        async with TestServer(upstream) as up:
+            config = SidecarConfig(upstream=str(up.make_url("")), **settings)  # type: ignore[arg-type]
+            async with TestClient(TestServer(create_app(config))) as client:
+                resp = await client.post("/v2/models/mlp/infer", json=mlp_request([0.5] * 64))
+                answered.set()
+                return resp.status, await resp.json(), dict(resp.headers)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "settings", "status", "reason"),
+    [
+        ([1, 2], {"max_queue": 0}, 429, "queue full (0 requests waiting); retry shortly"),
+        # The batch leaves after max_wait: the upstream call's own timeout ends 50 ms after the caller's.
+        (None, {"request_timeout_s": 0.2, "max_wait_ms": 50}, 504, "no answer from the model within 0.2 s"),
+        ([2], {}, 502, "upstream output 'logits' has shape [2], not batched along 1 rows"),
+    ],
+    ids=["queue-full", "timed-out", "unbatched-output"],
+)
+def test_the_sidecar_answers_the_batchers_errors_in_http(logits_shape, settings, status, reason):
+    code, body, headers = _through_an_in_process_sidecar(logits_shape, **settings)
+    assert (code, body) == (status, {"error": reason})
+    assert headers.get("Retry-After") == ("1" if status == 429 else None)
+
+
+def test_a_failing_redis_call_fails_open_and_is_not_retried_during_the_back_off(caplog):
+    states: list[bool] = []
+    health = RedisHealth(states.append, backoff_s=60)
+    calls: list[str] = []
+
+    async def answers() -> bytes:
+        calls.append("answers")
+        return b"cached"
+
+    async def refuses() -> bytes:
+        calls.append("refuses")
+        raise ConnectionRefusedError("connection refused")
+
+    async def run() -> list[tuple[bool, bytes | None]]:
+        return [await health.attempt(answers), await health.attempt(refuses), await health.attempt(answers)]
+
+    with caplog.at_level(logging.WARNING, logger="leanserve.cache"):
+        assert asyncio.run(run()) == [(True, b"cached"), (False, None), (False, None)]
+    assert calls == ["answers", "refuses"]  # the third was not even started: Redis is backing off
+    assert states == [True, True, False]
+    assert "redis unavailable, serving uncached: connection refused" in caplog.text
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ only with requests of the same signature (model, input names, datatypes and
 shapes after the batch dimension, requested outputs, parameters). Each request
 carries its own future: an error reaches every caller of its batch, and a
 caller that gave up (timeout) is skipped when the batch is formed.
+
+The batcher knows no transport (as MLServer's adaptive batcher and Ray Serve's
+``@serve.batch`` do not): it raises its own :class:`BatchError` subclasses, and
+the sidecar chooses the HTTP status of each.
 """
 
 from __future__ import annotations
@@ -20,10 +24,40 @@ from typing import Any
 import numpy as np
 import orjson
 
-from leanserve_serving.tensors import InferRequest, ProtocolError, Tensor
+from leanserve_serving.tensors import InferRequest, Tensor
 
 #: Runs one merged request upstream; returns the merged outputs.
 RunBatch = Callable[[str, InferRequest], Awaitable[list[Tensor]]]
+
+
+class BatchError(Exception):
+    """A request the batcher could not answer; the message is the reason a client reads."""
+
+
+class QueueFullError(BatchError):
+    """``max_queue`` requests already wait for a batch: the caller should retry shortly."""
+
+    def __init__(self, max_queue: int) -> None:
+        super().__init__(f"queue full ({max_queue} requests waiting); retry shortly")
+        self.max_queue = max_queue
+
+
+class AnswerTimeoutError(BatchError):
+    """No answer within the caller's timeout; if its request was still queued, its batch skips it."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no answer from the model within {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+class UpstreamShapeError(BatchError):
+    """The upstream answered a merged request with an output not batched along its rows: it cannot be split."""
+
+    def __init__(self, output: str, shape: tuple[int, ...], rows: int) -> None:
+        super().__init__(f"upstream output '{output}' has shape {list(shape)}, not batched along {rows} rows")
+        self.output = output
+        self.shape = shape
+        self.rows = rows
 
 
 def signature(model: str, request: InferRequest) -> tuple[Any, ...] | None:
@@ -54,13 +88,12 @@ def merge(requests: list[InferRequest]) -> InferRequest:
 
 
 def split(outputs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
-    """Cut merged outputs back into per-request outputs by row counts."""
+    """Cut merged outputs back into per-request outputs by row counts (:class:`UpstreamShapeError` when an
+    output is not batched along the merged rows)."""
     total = sum(sizes)
     for out in outputs:
         if not out.shape or out.shape[0] != total:
-            raise ProtocolError(
-                502, f"upstream output '{out.name}' has shape {list(out.shape)}, not batched along {total} rows"
-            )
+            raise UpstreamShapeError(out.name, out.shape, total)
     result: list[list[Tensor]] = []
     start = 0
     for size in sizes:
@@ -119,9 +152,13 @@ class DynamicBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, model: str, request: InferRequest, timeout_s: float) -> list[Tensor]:
-        """Queue a request and wait for its share of a batch; raises ProtocolError 429/504 when it must."""
+        """Queue a request and wait for its share of a batch.
+
+        Raises :class:`QueueFullError` when ``max_queue`` requests wait, :class:`AnswerTimeoutError` after
+        ``timeout_s``, and whatever ``run_batch`` (or :func:`split`) raised for its batch.
+        """
         if self.queued >= self.max_queue:
-            raise ProtocolError(429, f"queue full ({self.max_queue} requests waiting); retry shortly")
+            raise QueueFullError(self.max_queue)
         key = signature(model, request)
         loop = asyncio.get_running_loop()
         pending = _Pending(request, loop.create_future(), rows(request))
@@ -143,7 +180,7 @@ class DynamicBatcher:
         except TimeoutError:
             if not pending.future.done():
                 pending.future.cancel()  # skipped when its batch is formed
-            raise ProtocolError(504, f"no answer from the model within {timeout_s:g} s") from None
+            raise AnswerTimeoutError(timeout_s) from None
 
     async def _collect(self, model: str, key: tuple[Any, ...], group: _Group) -> None:
         """Form batches for one signature until its queue is empty, then retire."""

@@ -14,8 +14,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -29,6 +29,8 @@ from leanserve_serving.tensors import InferRequest
 log = logging.getLogger("leanserve.cache")
 
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+T = TypeVar("T")
 
 
 def exact_key(model: str, version: str, request: InferRequest, exclude: set[str]) -> str:
@@ -92,6 +94,19 @@ class RedisHealth:
         self.up = True
         self.on_change(True)
 
+    async def attempt(self, operation: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        """Run one Redis operation, failing open: ``(True, its result)``, or ``(False, None)`` when Redis
+        failed (recorded, see :meth:`failed`) or is in its back-off (the operation is not even started)."""
+        if not self.usable():
+            return False, None
+        try:
+            result = await operation()
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+            return False, None
+        self.succeeded()
+        return True, result
+
 
 def connect(url: str) -> aioredis.Redis:
     """A Redis client with short timeouts: a slow cache must not slow serving."""
@@ -108,26 +123,12 @@ class ExactCache:
         self.exclude = set(exclude)
 
     async def get(self, key: str) -> dict[str, Any] | None:
-        if not self.health.usable():
-            return None
-        try:
-            raw = await self.client.get(key)
-        except REDIS_ERRORS as exc:
-            self.health.failed(exc)
-            return None
-        self.health.succeeded()
+        _, raw = await self.health.attempt(lambda: self.client.get(key))
         return _decode(raw)
 
     async def put(self, key: str, body: bytes) -> None:
         """Store a response body (JSON bytes, without the request id)."""
-        if not self.health.usable():
-            return
-        try:
-            await self.client.set(key, body, ex=self.ttl_s)
-        except REDIS_ERRORS as exc:
-            self.health.failed(exc)
-            return
-        self.health.succeeded()
+        await self.health.attempt(lambda: self.client.set(key, body, ex=self.ttl_s))
 
 
 class SemanticCache:
@@ -182,19 +183,16 @@ class SemanticCache:
     async def get(self, text: str) -> tuple[dict[str, Any] | None, float, np.ndarray | None]:
         """The cached response of the most similar text above the threshold, the similarity, and the
         text's embedding (pass it to :meth:`put` on a miss: embedding is the costly part)."""
-        if not self.health.usable():
+        if not self.health.usable():  # before embedding: no vector is worth its cost while Redis is away
             return None, 0.0, None
         vector = self.embedder.embed(text)
         found = self._search(vector)
         if found is None or found[1] < self.threshold:
             return None, found[1] if found else 0.0, vector
         entry_id, score = found
-        try:
-            raw = await self.client.get(self.prefix + entry_id)
-        except REDIS_ERRORS as exc:
-            self.health.failed(exc)
+        answered, raw = await self.health.attempt(lambda: self.client.get(self.prefix + entry_id))
+        if not answered:
             return None, score, vector
-        self.health.succeeded()
         if raw is None:  # expired: forget it here too
             self._drop(entry_id)
             return None, score, vector
@@ -203,33 +201,29 @@ class SemanticCache:
 
     async def put(self, text: str, body: bytes, vector: np.ndarray | None = None) -> None:
         """Store a response for ``text``; ``vector`` is its embedding when :meth:`get` already made it."""
-        if not self.health.usable():
+        if not self.health.usable():  # before embedding, as in get
             return
         if vector is None:
             vector = self.embedder.embed(text)
         entry_id = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(self.prefix + entry_id, body, ex=self.ttl_s)
-                pipe.hset(self.vectors_key, entry_id, vector.astype(np.float32).tobytes())
-                await pipe.execute()
-        except REDIS_ERRORS as exc:
-            self.health.failed(exc)
+        stored, _ = await self.health.attempt(lambda: self._write(entry_id, body, vector))
+        if not stored:
             return
-        self.health.succeeded()
         self._add(entry_id, vector)
         await self._evict()
 
+    async def _write(self, entry_id: str, body: bytes, vector: np.ndarray) -> None:
+        """The response (with the TTL) and its vector in the shared index, in one round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.prefix + entry_id, body, ex=self.ttl_s)
+            pipe.hset(self.vectors_key, entry_id, vector.astype(np.float32).tobytes())
+            await pipe.execute()
+
     async def sync(self) -> int:
         """Pull entries other replicas added to the shared index; returns how many were new."""
-        if not self.health.usable():
+        answered, stored = await self.health.attempt(lambda: self.client.hgetall(self.vectors_key))
+        if not answered or stored is None:
             return 0
-        try:
-            stored = await self.client.hgetall(self.vectors_key)
-        except REDIS_ERRORS as exc:
-            self.health.failed(exc)
-            return 0
-        self.health.succeeded()
         new = 0
         for raw_id, raw_vec in stored.items():
             entry_id = raw_id.decode()
@@ -255,7 +249,4 @@ class SemanticCache:
             victims.append(victim)
         if victims:
             self._matrix = None
-            try:
-                await self.client.hdel(self.vectors_key, *victims)
-            except REDIS_ERRORS as exc:
-                self.health.failed(exc)
+            await self.health.attempt(lambda: self.client.hdel(self.vectors_key, *victims))

@@ -30,6 +30,9 @@ log = logging.getLogger("leanserve.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: Rows per batch: the buckets of the sidecar's and the model server's histograms (the same, so they compare).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
 
 class ServingConfig(Protocol):
     """What serving a process needs from its settings (ModelServerConfig and SidecarConfig have it)."""

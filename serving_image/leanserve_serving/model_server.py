@@ -24,6 +24,7 @@ from leanserve_serving import __version__
 from leanserve_serving.config import ModelServerConfig
 from leanserve_serving.cpus import cpu_limit
 from leanserve_serving.http import (
+    BATCH_BUCKETS,
     drainable,
     error_response,
     json_response,
@@ -43,8 +44,6 @@ from leanserve_serving.tensors import (
 )
 
 log = logging.getLogger("leanserve.model_server")
-
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def spec_of(node: Any) -> TensorSpec:
@@ -129,17 +128,25 @@ class ModelServerMetrics:
             "leanserve_model_load_seconds", "Model load (cold start) time", registry=self.registry
         )
         self.requests = Counter(
-            "leanserve_model_requests_total", "Infer requests by model and status code", ["model", "code"],
+            "leanserve_model_requests_total",
+            "Infer requests by model and status code",
+            ["model", "code"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.inference = Histogram(
-            "leanserve_model_inference_seconds", "session.run time per call", ["model"], registry=self.registry,
+            "leanserve_model_inference_seconds",
+            "session.run time per call",
+            ["model"],
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
-        )  # fmt: skip
+        )
         self.batch = Histogram(
-            "leanserve_model_batch_size", "Rows per session.run", ["model"], registry=self.registry,
+            "leanserve_model_batch_size",
+            "Rows per session.run",
+            ["model"],
+            registry=self.registry,
             buckets=BATCH_BUCKETS,
-        )  # fmt: skip
+        )
 
 
 def create_app(config: ModelServerConfig) -> web.Application:
@@ -147,8 +154,12 @@ def create_app(config: ModelServerConfig) -> web.Application:
     model = LoadedModel(config)
     log.info(
         "model loaded name=%s path=%s load_seconds=%.3f providers=%s threads=%d",
-        model.name, config.model_path, model.load_seconds, ",".join(model.providers), model.threads,
-    )  # fmt: skip
+        model.name,
+        config.model_path,
+        model.load_seconds,
+        ",".join(model.providers),
+        model.threads,
+    )
     metrics = ModelServerMetrics()
     metrics.load_seconds.set(model.load_seconds)
     executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ort")

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -22,11 +23,19 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from leanserve_serving.batcher import BatchStats, DynamicBatcher
+from leanserve_serving.batcher import (
+    AnswerTimeoutError,
+    BatchError,
+    BatchStats,
+    DynamicBatcher,
+    QueueFullError,
+    UpstreamShapeError,
+)
 from leanserve_serving.cache import ExactCache, RedisHealth, SemanticCache, connect, exact_key
 from leanserve_serving.config import SidecarConfig
 from leanserve_serving.embedders import make_embedder
 from leanserve_serving.http import (
+    BATCH_BUCKETS,
     drainable,
     error_response,
     json_response,
@@ -50,6 +59,26 @@ log = logging.getLogger("leanserve.sidecar")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+#: The batcher's errors as HTTP statuses: the batcher knows no transport, the sidecar chooses here.
+BATCH_ERROR_STATUS: dict[type[BatchError], int] = {
+    QueueFullError: 429,  # Too Many Requests (with Retry-After): come back shortly
+    AnswerTimeoutError: 504,  # Gateway Timeout: the model did not answer within the request's timeout
+    UpstreamShapeError: 502,  # Bad Gateway: the upstream's answer to a batch cannot be split back
+}
+
+#: Where an answer came from: the ``X-Leanserve-Source`` header.
+Source = Literal["exact", "semantic", "model"]
+
+#: Statuses a client should retry after a pause: answered with ``Retry-After: 1``.
+RETRY_LATER = frozenset({429, 503})
+
+
+def http_error(exc: ProtocolError | BatchError) -> ProtocolError:
+    """The HTTP status and reason of a failed request: a batcher error's message is the reason."""
+    if isinstance(exc, ProtocolError):
+        return exc
+    return ProtocolError(BATCH_ERROR_STATUS.get(type(exc), 500), str(exc))
+
 
 class SidecarMetrics:
     """The sidecar's Prometheus metrics (part of the API: names and labels are stable)."""
@@ -59,17 +88,29 @@ class SidecarMetrics:
         self.requests = Counter(
             "leanserve_requests_total", "Requests by model and status code", ["model", "code"], registry=r
         )
-        self.latency = Histogram("leanserve_request_duration_seconds", "End-to-end latency through the sidecar",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.upstream_latency = Histogram("leanserve_upstream_duration_seconds", "Latency of one batch upstream",
-                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_size = Histogram("leanserve_batch_size", "Rows per batch sent upstream", ["model"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)  # fmt: skip
+        self.latency = Histogram(
+            "leanserve_request_duration_seconds",
+            "End-to-end latency through the sidecar",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "leanserve_upstream_duration_seconds",
+            "Latency of one batch upstream",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "leanserve_batch_size", "Rows per batch sent upstream", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("leanserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.cache_hits = Counter("leanserve_cache_hits_total", "Cache hits by kind", ["kind"], registry=r)
         self.cache_misses = Counter("leanserve_cache_misses_total", "Cache misses by kind", ["kind"], registry=r)
-        self.redis_up = Gauge("leanserve_redis_up", "1 when the cache's Redis answers, 0 when serving uncached",
-                              registry=r)  # fmt: skip
+        self.redis_up = Gauge(
+            "leanserve_redis_up", "1 when the cache's Redis answers, 0 when serving uncached", registry=r
+        )
         self.upstream_up = Gauge("leanserve_upstream_up", "1 when the upstream model server is ready", registry=r)
 
 
@@ -138,141 +179,243 @@ class Upstream:
         return outputs
 
 
-def create_app(config: SidecarConfig) -> web.Application:
-    """The sidecar's aiohttp application; connects to the upstream and Redis on startup."""
-    metrics = SidecarMetrics()
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
-    drain = drainable(app)
-    state: dict[str, Any] = {}
+@dataclass
+class Lookup:
+    """What the caches answered for one request, and where the model's answer goes when they missed."""
 
-    async def startup(app: web.Application) -> None:
+    body: dict[str, Any] | None = None
+    source: Source = "model"
+    exact_key: str | None = None
+    semantic: SemanticCache | None = None
+    text: str | None = None
+    vector: np.ndarray | None = None
+    """The text's embedding, made by the lookup: storing the answer must not pay for it again."""
+
+
+class ResponseCaches:
+    """The cache policy over one Redis: the exact cache first (a hash, cheap), then the semantic cache (an
+    embedding, dearer), else the model, whose answer is stored in both on the way out."""
+
+    def __init__(self, config: SidecarConfig, metrics: SidecarMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.redis = connect(config.redis_url)
+        self.health = RedisHealth(lambda up: metrics.redis_up.set(1 if up else 0))
+        self.exact = (
+            ExactCache(self.redis, self.health, config.cache_ttl_seconds, config.cache_exclude_fields)
+            if config.exact_enabled
+            else None
+        )
+        self.embedder = make_embedder(config.semantic_embedder) if config.semantic_enabled else None
+        self.semantic: dict[str, SemanticCache] = {}
+
+    async def lookup(self, model: str, request: InferRequest) -> Lookup:
+        """Ask the exact cache, then the semantic one (counting hits and misses by kind)."""
+        found = Lookup()
+        if self.exact is not None:
+            found.exact_key = exact_key(model, self.config.model_version, request, self.exact.exclude)
+            found.body = await self.exact.get(found.exact_key)
+            self._count("exact", found.body)
+            if found.body is not None:
+                found.source = "exact"
+                return found
+        semantic = await self.semantic_for(model)
+        text = SemanticCache.text_of(request) if semantic is not None else None
+        if semantic is not None and text is not None:
+            found.semantic, found.text = semantic, text
+            found.body, _, found.vector = await semantic.get(text)
+            self._count("semantic", found.body)
+            if found.body is not None:
+                found.source = "semantic"
+        return found
+
+    async def remember(self, found: Lookup, body: dict[str, Any]) -> None:
+        """Store the model's answer (without the request id) in the caches the lookup missed."""
+        if found.exact_key is None and found.text is None:
+            return
+        raw = dumps(body)
+        if self.exact is not None and found.exact_key is not None:
+            await self.exact.put(found.exact_key, raw)
+        if found.semantic is not None and found.text is not None:
+            await found.semantic.put(found.text, raw, found.vector)
+
+    async def semantic_for(self, model: str) -> SemanticCache | None:
+        """The model's semantic cache, made on its first request; None when semantic caching is off."""
+        if self.embedder is None:
+            return None
+        cache = self.semantic.get(model)
+        if cache is None:
+            cache = self.semantic[model] = SemanticCache(
+                self.redis,
+                self.health,
+                model,
+                self.embedder,
+                threshold=self.config.semantic_threshold,
+                max_entries=self.config.semantic_max_entries,
+                ttl_s=self.config.cache_ttl_seconds,
+            )
+            await cache.sync()  # start from the index other replicas share
+        return cache
+
+    async def sync(self) -> None:
+        """Pull the entries other replicas added to the shared semantic indexes."""
+        for cache in list(self.semantic.values()):  # a copy: a model's first request may add one meanwhile
+            await cache.sync()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def _count(self, kind: str, hit: dict[str, Any] | None) -> None:
+        (self.metrics.cache_hits if hit is not None else self.metrics.cache_misses).labels(kind).inc()
+
+
+@dataclass
+class SidecarState:
+    """What start-up opens (aiohttp's session needs the running event loop), clean-up closes."""
+
+    session: aiohttp.ClientSession
+    upstream: Upstream
+    batcher: DynamicBatcher
+    caches: ResponseCaches | None
+    """None without ``redis_url``: every request goes to the model."""
+    watch: asyncio.Task[None] | None = None
+
+
+class Sidecar:
+    """One sidecar process: its aiohttp application, start-up and clean-up, the health watch, the handlers.
+
+    The handlers are the transport: errors become HTTP statuses here, the batcher's through
+    :data:`BATCH_ERROR_STATUS`.
+    """
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.metrics = SidecarMetrics()
+        self._state: SidecarState | None = None
+        self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
+        self.drain = drainable(self.app)
+        self.app[SIDECAR] = self
+        self.app.on_startup.append(self.startup)
+        self.app.on_cleanup.append(self.cleanup)
+        router = self.app.router
+        router.add_get("/v2/health/live", self.live)
+        router.add_get("/v2/health/ready", self.ready)
+        router.add_get("/v2", self.proxy_get)
+        router.add_get("/v2/models/{name}", self.proxy_get)
+        router.add_get("/v2/models/{name}/ready", self.proxy_get)
+        router.add_post("/v2/models/{name}/infer", self.infer)
+        router.add_get("/metrics", metrics_handler(self.metrics.registry))
+
+    @property
+    def state(self) -> SidecarState:
+        if self._state is None:
+            raise RuntimeError("the sidecar has not started")
+        return self._state
+
+    async def startup(self, _: web.Application) -> None:
+        """Open the upstream session, the batcher over it and the caches; check the upstream, then watch it."""
+        config = self.config
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=config.request_timeout_s),
             connector=aiohttp.TCPConnector(limit=max(4, config.upstream_concurrency * 2)),
         )
-        upstream = Upstream(config.upstream, session, metrics)
-        stats = BatchStats(
-            on_batch=lambda model, size: metrics.batch_size.labels(model).observe(size),
-            on_queue_depth=lambda model, depth: metrics.queue_depth.labels(model).set(depth),
-        )
-        batcher = DynamicBatcher(
-            upstream.infer, config.max_batch_size, config.max_wait_ms / 1000.0, config.max_queue,
-            config.upstream_concurrency, stats,
-        )  # fmt: skip
-        state.update(session=session, upstream=upstream, batcher=batcher, exact=None, semantic={}, redis=None)
-        if config.redis_url:
-            client = connect(config.redis_url)
-            health = RedisHealth(lambda up: metrics.redis_up.set(1 if up else 0))
-            exact = ExactCache(client, health, config.cache_ttl_seconds, config.cache_exclude_fields)
-            state.update(redis=client, health=health, exact=exact if config.exact_enabled else None)
-            if config.semantic_enabled:
-                state["embedder"] = make_embedder(config.semantic_embedder)
-        else:
-            metrics.redis_up.set(0)
+        upstream = Upstream(config.upstream, session, self.metrics)
+        caches = ResponseCaches(config, self.metrics) if config.redis_url else None
+        if caches is None:
+            self.metrics.redis_up.set(0)
+        state = self._state = SidecarState(session, upstream, self.batcher_over(upstream), caches)
         await upstream.check_ready()
-        state["watch"] = asyncio.create_task(watch(upstream))
+        state.watch = asyncio.create_task(self.watch(state))
 
-    async def watch(upstream: Upstream) -> None:
+    def batcher_over(self, upstream: Upstream) -> DynamicBatcher:
+        """The configured batching in front of ``upstream``, its batches and queue in the metrics."""
+        return DynamicBatcher(
+            upstream.infer,
+            max_batch_size=self.config.max_batch_size,
+            max_wait_s=self.config.max_wait_ms / 1000.0,
+            max_queue=self.config.max_queue,
+            concurrency=self.config.upstream_concurrency,
+            stats=BatchStats(
+                on_batch=lambda model, size: self.metrics.batch_size.labels(model).observe(size),
+                on_queue_depth=lambda model, depth: self.metrics.queue_depth.labels(model).set(depth),
+            ),
+        )
+
+    async def watch(self, state: SidecarState) -> None:
         """Keep readiness and the shared semantic index fresh."""
         while True:
-            await asyncio.sleep(config.health_interval_s)
-            await upstream.check_ready()
-            for cache in state["semantic"].values():
-                await cache.sync()
+            await asyncio.sleep(self.config.health_interval_s)
+            await state.upstream.check_ready()
+            if state.caches is not None:
+                await state.caches.sync()
 
-    async def cleanup(app: web.Application) -> None:
-        state["watch"].cancel()
-        await state["session"].close()
-        if state.get("redis") is not None:
-            await state["redis"].aclose()
+    async def cleanup(self, _: web.Application) -> None:
+        state = self._state
+        if state is None:  # start-up failed before opening anything
+            return
+        if state.watch is not None:
+            state.watch.cancel()
+        await state.session.close()
+        if state.caches is not None:
+            await state.caches.close()
 
-    async def semantic_for(model: str) -> SemanticCache | None:
-        if not (config.semantic_enabled and state.get("redis") is not None):
-            return None
-        cache = state["semantic"].get(model)
-        if cache is None:
-            cache = state["semantic"][model] = SemanticCache(
-                state["redis"], state["health"], model, state["embedder"], config.semantic_threshold,
-                config.semantic_max_entries, config.cache_ttl_seconds,
-            )  # fmt: skip
-            await cache.sync()  # start from the index other replicas share
-        return cache
-
-    async def answer(model: str, decoded: InferRequest) -> tuple[dict[str, Any], str]:
+    async def answer(self, model: str, request: InferRequest) -> tuple[dict[str, Any], Source]:
         """The response body and where it came from (exact, semantic or model)."""
-        upstream: Upstream = state["upstream"]
-        check_inputs(await upstream.model_inputs(model), decoded)
-        exact: ExactCache | None = state["exact"]
-        key = exact_key(model, config.model_version, decoded, exact.exclude) if exact else None
-        if exact is not None and key is not None:
-            hit = await exact.get(key)
-            (metrics.cache_hits if hit else metrics.cache_misses).labels("exact").inc()
-            if hit is not None:
-                return hit, "exact"
-        semantic = await semantic_for(model)
-        text = SemanticCache.text_of(decoded) if semantic else None
-        vector = None
-        if semantic is not None and text is not None:
-            hit, _, vector = await semantic.get(text)
-            (metrics.cache_hits if hit else metrics.cache_misses).labels("semantic").inc()
-            if hit is not None:
-                return hit, "semantic"
-        outputs = await state["batcher"].submit(model, decoded, config.request_timeout_s)
-        body = encode_response(model, config.model_version, None, outputs)
-        if exact is not None or semantic is not None:
-            raw = dumps(body)
-            if exact is not None and key is not None:
-                await exact.put(key, raw)
-            if semantic is not None and text is not None:
-                await semantic.put(text, raw, vector)
+        state = self.state
+        check_inputs(await state.upstream.model_inputs(model), request)  # a bad request never joins a batch
+        found = await state.caches.lookup(model, request) if state.caches is not None else Lookup()
+        if found.body is not None:
+            return found.body, found.source
+        outputs = await state.batcher.submit(model, request, self.config.request_timeout_s)
+        body = encode_response(model, self.config.model_version, None, outputs)
+        if state.caches is not None:
+            await state.caches.remember(found, body)
         return body, "model"
 
-    async def infer(request: web.Request) -> web.Response:
+    async def infer(self, request: web.Request) -> web.Response:
         model = request.match_info["name"]
         start = time.perf_counter()
         code = 200
         try:
             decoded = decode_request(await request.read())
-            body, source = await answer(model, decoded)
+            body, source = await self.answer(model, decoded)
             if decoded.id is not None:
                 body = {**body, "id": decoded.id}
             return json_response(body, headers={"X-Leanserve-Source": source})
-        except ProtocolError as exc:
-            code = exc.status
-            headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-            return error_response(exc.status, exc.reason, headers)
+        except (ProtocolError, BatchError) as exc:
+            error = http_error(exc)
+            code = error.status
+            headers = {"Retry-After": "1"} if code in RETRY_LATER else None
+            return error_response(code, error.reason, headers)
         except web.HTTPRequestEntityTooLarge:
             code = 413
             raise
         finally:
-            metrics.requests.labels(model, str(code)).inc()
-            metrics.latency.labels(model).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(model, str(code)).inc()
+            self.metrics.latency.labels(model).observe(time.perf_counter() - start)
 
-    async def live(_: web.Request) -> web.Response:
+    async def live(self, _: web.Request) -> web.Response:
         return json_response({"live": True})
 
-    async def ready(_: web.Request) -> web.Response:
-        if drain.active:  # first: the endpoints must stop sending here, whatever the upstream's state
+    async def ready(self, _: web.Request) -> web.Response:
+        if self.drain.active:  # first: the endpoints must stop sending here, whatever the upstream's state
             return error_response(503, "draining: shutting down")
-        if state["upstream"].ready:
+        if self.state.upstream.ready:
             return json_response({"ready": True})
         return error_response(503, "upstream model server is not ready")
 
-    async def proxy_get(request: web.Request) -> web.Response:
-        status, payload = await state["upstream"].call("GET", request.path)
+    async def proxy_get(self, request: web.Request) -> web.Response:
+        status, payload = await self.state.upstream.call("GET", request.path)
         return json_response(payload, status=status)
 
-    app.on_startup.append(startup)
-    app.on_cleanup.append(cleanup)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
-    app.router.add_get("/v2", proxy_get)
-    app.router.add_get("/v2/models/{name}", proxy_get)
-    app.router.add_get("/v2/models/{name}/ready", proxy_get)
-    app.router.add_post("/v2/models/{name}/infer", infer)
-    app.router.add_get("/metrics", metrics_handler(metrics.registry))
-    app["metrics"] = metrics
-    return app
+
+#: The sidecar behind an application (for tests and tools that hold only the app).
+SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+def create_app(config: SidecarConfig) -> web.Application:
+    """The sidecar's aiohttp application; connects to the upstream and Redis on startup."""
+    return Sidecar(config).app
 
 
 def main(argv: list[str] | None = None) -> None:
