@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from leanserve.planner.prices import load_prices
     from leanserve.planner.report import write_report
     from leanserve.planner.status import candidate_rows, plan_status, savings_rows
-    from leanserve_serving.profile import Profile
+    from leanserve_serving.profile import Profile  # the bench's output, the planner's input: their contract
 
     console = wide_console()
     [doc] = validate_file(args.file)[:1]
@@ -55,17 +55,28 @@ def run(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(status))
         return 0 if result.winner else 1
-    table = Table(title=f"{doc.resource.metadata.name}: candidates (p{spec.sla.latency.percentile:g} < "
-                  f"{spec.sla.latency.target_ms:g} ms, accuracy drop <= {spec.sla.max_accuracy_drop:g})")  # fmt: skip
-    for col in ("#", "instance", "precision", "batching", f"p{spec.sla.latency.percentile:g} ms", "req/s/replica",
-                "replicas avg/peak", "$/1M", "$/month", "why not"):  # fmt: skip
+    percentile = f"p{spec.sla.latency.percentile:g}"
+    sla = f"{percentile} < {spec.sla.latency.target_ms:g} ms, accuracy drop <= {spec.sla.max_accuracy_drop:g}"
+    table = Table(title=f"{doc.resource.metadata.name}: candidates ({sla})")
+    for col in (
+        "#",
+        "instance",
+        "precision",
+        "batching",
+        f"{percentile} ms",
+        "req/s/replica",
+        "replicas avg/peak",
+        "$/1M",
+        "$/month",
+        "why not",
+    ):
         table.add_column(col)
     for i, c in enumerate(result.candidates[:25], 1):
         batching = "off" if c.policy.max_batch == 1 else f"{c.policy.max_batch}/{c.policy.max_wait_ms:g}ms"
-        table.add_row(str(i), c.instance_type, c.variant, batching, f"{c.latency_ms:.1f}", f"{c.capacity_rps:.0f}",
-                      f"{c.replicas_average:.1f}/{c.replicas_peak}" if c.replicas_hourly else "-",
-                      f"{c.cost_per_million:.3f}", f"{c.monthly_cost:.0f}", c.reason or "[green]winner[/green]"
-                      if i == 1 and c.feasible else c.reason)  # fmt: skip
+        replicas = f"{c.replicas_average:.1f}/{c.replicas_peak}" if c.replicas_hourly else "-"
+        why_not = (c.reason or "[green]winner[/green]") if i == 1 and c.feasible else c.reason
+        row = [str(i), c.instance_type, c.variant, batching, f"{c.latency_ms:.1f}", f"{c.capacity_rps:.0f}", replicas]
+        table.add_row(*row, f"{c.cost_per_million:.3f}", f"{c.monthly_cost:.0f}", why_not)
     console.print(table)
     if result.winner is None:
         console.print(f"[red]{result.infeasible}[/red]")
@@ -75,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
             waterfall.add_column(col)
         base = result.waterfall[0].cost_per_million
         for step in result.waterfall:
-            waterfall.add_row(step.lever, f"{step.cost_per_million:.4f}", f"{step.cost_per_million / base:.0%}",
-                              step.description)  # fmt: skip
+            cost = step.cost_per_million
+            waterfall.add_row(step.lever, f"{cost:.4f}", f"{cost / base:.0%}", step.description)
         console.print(waterfall)
-    print(json.dumps({"plan": status["plan"], "infeasible": status["infeasible"],
-                      "waterfall": status["savings"]}))  # fmt: skip
+    print(json.dumps({"plan": status["plan"], "infeasible": status["infeasible"], "waterfall": status["savings"]}))
     return 0 if result.winner else 1
