@@ -26,8 +26,9 @@ PRICES = load_prices()
 FAST = PlanOptions(requests=1500)
 
 
-def synthetic_profile(instance_type: str, base_ms: float, per_row_ms: float,
-                      variants: dict[str, tuple[float, float]] | None = None) -> Profile:  # fmt: skip
+def synthetic_profile(
+    instance_type: str, base_ms: float, per_row_ms: float, variants: dict[str, tuple[float, float]] | None = None
+) -> Profile:
     """A made-up profile (not a measurement): service time = base + per_row x batch, per variant speed-up."""
     variants = variants or {"fp32": (1.0, 0.0), "int8-dynamic": (0.6, 0.004), "int8-static": (0.5, 0.02)}
     out = []
@@ -35,13 +36,25 @@ def synthetic_profile(instance_type: str, base_ms: float, per_row_ms: float,
         points = []
         for b in (1, 2, 4, 8, 16, 32, 64):
             mean = (base_ms + per_row_ms * b) * speed
-            points.append(LatencyPoint(batch_size=b, p50_ms=mean, p95_ms=mean * 1.1, p99_ms=mean * 1.2,
-                                       throughput_rps=b / mean * 1000))  # fmt: skip
-        out.append(VariantProfile(name=name, status="ok", quality=0.9 - drop, quality_drop=drop, latency=points,
-                                  rss_mb=300))  # fmt: skip
+            point = LatencyPoint(
+                batch_size=b, p50_ms=mean, p95_ms=mean * 1.1, p99_ms=mean * 1.2, throughput_rps=b / mean * 1000
+            )
+            points.append(point)
+        variant = VariantProfile(
+            name=name, status="ok", quality=0.9 - drop, quality_drop=drop, latency=points, rss_mb=300
+        )
+        out.append(variant)
     hw = Hardware(cpu_model="synthetic", vcpus=8, onnxruntime="synthetic", providers=["CPUExecutionProvider"])
-    return Profile(model_name="synthetic", model_digest="sha256:synthetic", instance_type=instance_type,
-                   metric="accuracy", evaluation_rows=1000, threads=8, hardware=hw, variants=out)  # fmt: skip
+    return Profile(
+        model_name="synthetic",
+        model_digest="sha256:synthetic",
+        instance_type=instance_type,
+        metric="accuracy",
+        evaluation_rows=1000,
+        threads=8,
+        hardware=hw,
+        variants=out,
+    )
 
 
 PROFILES = [
@@ -54,12 +67,16 @@ PROFILES = [
 
 def spec(**changes: Any) -> Any:
     doc: dict[str, Any] = {
-        "apiVersion": "leanserve.dev/v1alpha1", "kind": "InferenceDeployment", "metadata": {"name": "p"},
-        "spec": {"model": {"uri": "file:///m.onnx", "evaluation": {"uri": "file:///e.npz"}},
-                 "sla": {"latency": {"percentile": 95, "targetMs": 100}, "maxAccuracyDrop": 0.01},
-                 "traffic": {"averageRps": 200, "peakRps": 600},
-                 "candidates": ["m5.2xlarge", "c6i.2xlarge", "c6i.xlarge", "g4dn.xlarge"]},
-    }  # fmt: skip
+        "apiVersion": "leanserve.dev/v1alpha1",
+        "kind": "InferenceDeployment",
+        "metadata": {"name": "p"},
+        "spec": {
+            "model": {"uri": "file:///m.onnx", "evaluation": {"uri": "file:///e.npz"}},
+            "sla": {"latency": {"percentile": 95, "targetMs": 100}, "maxAccuracyDrop": 0.01},
+            "traffic": {"averageRps": 200, "peakRps": 600},
+            "candidates": ["m5.2xlarge", "c6i.2xlarge", "c6i.xlarge", "g4dn.xlarge"],
+        },
+    }
     for path, value in changes.items():
         node = doc["spec"]
         *parents, last = path.split(".")
@@ -77,8 +94,8 @@ def test_unbatched_simulation_agrees_with_md1(rho):
     """Batch size 1, deterministic service, Poisson arrivals: M/D/1, W = s + rho s / (2 (1 - rho))."""
     s_ms = 10.0
     rate = rho / (s_ms / 1000)
-    mean, _ = simulate([ServiceCurve((1, 2), (s_ms, 2 * s_ms))], [Policy(1, 0)], np.array([rate]), None,
-                       requests=200_000)  # fmt: skip
+    curve = ServiceCurve((1, 2), (s_ms, 2 * s_ms))
+    mean, _ = simulate([curve], [Policy(1, 0)], np.array([rate]), None, requests=200_000)
     expected = s_ms + rho * s_ms / (2 * (1 - rho))
     assert mean[0] == pytest.approx(expected, rel=0.05)
 
@@ -109,10 +126,13 @@ def test_service_time_spread_lengthens_the_tail_and_costs_capacity():
 
 
 def test_service_curve_prefers_the_stack_and_extends_its_cost_beyond_the_stack_run():
-    points = [LatencyPoint(batch_size=b, p50_ms=b, p95_ms=b, p99_ms=b, throughput_rps=1000.0,
-                           stack_ms=(b + 2.0 if b <= 128 else None)) for b in (1, 2, 128, 256)]  # fmt: skip
-    v = VariantProfile(name="fp32", status="ok", quality=0.9, quality_drop=0.0, latency=points,
-                       stack=StackProfile(jitter=[1.0] * 15, outside_ms=[1.0] * 15))  # fmt: skip
+    def point(b: int) -> LatencyPoint:
+        stack_ms = b + 2.0 if b <= 128 else None  # the bench's stack run went up to batch 128
+        return LatencyPoint(batch_size=b, p50_ms=b, p95_ms=b, p99_ms=b, throughput_rps=1000.0, stack_ms=stack_ms)
+
+    points = [point(b) for b in (1, 2, 128, 256)]
+    stack = StackProfile(jitter=[1.0] * 15, outside_ms=[1.0] * 15)
+    v = VariantProfile(name="fp32", status="ok", quality=0.9, quality_drop=0.0, latency=points, stack=stack)
     curve = service_curve(v)
     assert curve.mean_ms == (3.0, 4.0, 130.0, 258.0)  # 256 rows: the model's 256 ms + the stack's 2 ms at 128
     assert curve.measured_stack
@@ -171,8 +191,8 @@ def test_unavailable_unpriced_and_unprofiled_types_are_reported():
     s = spec(candidates=["m5.2xlarge", "g4dn.xlarge", "c7i.xlarge", "x9.huge"])
     options = PlanOptions(requests=1500, unavailable={"g4dn.xlarge": "0/6 nodes are available: no nvidia.com/gpu"})
     result = plan_deployment(s, PROFILES, PRICES, options)
-    reasons = {c.instance_type: c.reason for c in result.candidates if not c.feasible and c.variant == "fp32"
-               and c.policy.max_batch == 1}  # fmt: skip
+    losers = [c for c in result.candidates if not c.feasible and c.variant == "fp32" and c.policy.max_batch == 1]
+    reasons = {c.instance_type: c.reason for c in losers}
     assert reasons["g4dn.xlarge"].startswith("unschedulable: 0/6 nodes")
     assert reasons["c7i.xlarge"] == "no profile measured on this type"
     assert reasons["x9.huge"] == "not in the price table"
@@ -193,9 +213,13 @@ def test_memory_that_does_not_fit_rejects_the_variant():
 def test_gpu_types_keep_a_warm_replica_and_max_replicas_binds():
     result = plan_deployment(spec(candidates=["g4dn.xlarge"], **{"autoscaling.warmPool": 0}), PROFILES, PRICES, FAST)
     assert min(result.winner.replicas_hourly) >= 1
-    capped = plan_deployment(spec(candidates=["c6i.xlarge"], batching={"mode": "off"},
-                                  autoscaling={"warmPool": 1, "maxReplicas": 1},
-                                  traffic={"averageRps": 900, "peakRps": 2000}), PROFILES, PRICES, FAST)  # fmt: skip
+    overloaded = spec(
+        candidates=["c6i.xlarge"],
+        batching={"mode": "off"},
+        autoscaling={"warmPool": 1, "maxReplicas": 1},
+        traffic={"averageRps": 900, "peakRps": 2000},
+    )
+    capped = plan_deployment(overloaded, PROFILES, PRICES, FAST)
     assert capped.winner is None
     assert "maxReplicas 1" in capped.infeasible
 
@@ -222,8 +246,8 @@ def cost(result: Any) -> float:
 @settings(max_examples=12, deadline=None)
 @given(st.floats(10, 800), st.floats(1.0, 3.0))
 def test_more_traffic_never_gives_fewer_replicas(average, factor):
-    fixed = {"candidates": ["c6i.xlarge"], "precision": "fp32", "batching": {"mode": "fixed", "maxBatchSize": 8,
-                                                                              "maxWaitMs": 5}}  # fmt: skip
+    batching = {"mode": "fixed", "maxBatchSize": 8, "maxWaitMs": 5}
+    fixed = {"candidates": ["c6i.xlarge"], "precision": "fp32", "batching": batching}
     low = plan_deployment(
         spec(traffic={"averageRps": average, "peakRps": 2 * average}, **fixed), PROFILES, PRICES, FAST
     )
