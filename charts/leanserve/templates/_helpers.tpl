@@ -1,9 +1,31 @@
+{{/* The chart's name: `leanserve`, or nameOverride. */}}
+{{- define "leanserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The prefix of every object's name: fullnameOverride, else the release's name (when it already
+contains the chart's name) or RELEASE-NAME. */}}
 {{- define "leanserve.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "leanserve.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's Deployment, Service and ClusterRole: FULLNAME-operator, within a DNS label. */}}
+{{- define "leanserve.operatorName" -}}
+{{- printf "%s-operator" (include "leanserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The price table's ConfigMap. */}}
+{{- define "leanserve.pricesName" -}}
+{{- printf "%s-prices" (include "leanserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "leanserve.serviceAccountName" -}}
@@ -11,7 +33,7 @@
 {{- end -}}
 
 {{- define "leanserve.labels" -}}
-app.kubernetes.io/name: leanserve
+app.kubernetes.io/name: {{ include "leanserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -19,7 +41,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "leanserve.selectorLabels" -}}
-app.kubernetes.io/name: leanserve
+app.kubernetes.io/name: {{ include "leanserve.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
+
+{{/* Image references, in one place. The tags default to the chart's appVersion: the images
+`make images` builds and the operator's own defaults (leanserve.controller.builders.BuildSettings). */}}
+{{- define "leanserve.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (.Values.operator.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "leanserve.servingImage" -}}
+{{- .Values.serving.image | default (printf "ghcr.io/leanserve/serving:%s" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "leanserve.gpuImage" -}}
+{{- .Values.serving.gpuImage | default (printf "ghcr.io/leanserve/serving-gpu:%s" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "leanserve.redisImage" -}}
+{{- .Values.serving.redisImage -}}
+{{- end -}}
+
+{{/* Where the price table's ConfigMap is mounted in the operator pod, and the file LEANSERVE_PRICES names. */}}
+{{- define "leanserve.pricesDir" -}}/etc/leanserve/prices{{- end -}}
+{{- define "leanserve.pricesFile" -}}{{ include "leanserve.pricesDir" . }}/prices.yaml{{- end -}}
