@@ -39,11 +39,8 @@ def hey(url: str, body: Path, seconds: float, concurrency: int) -> dict[str, flo
     exe = shutil.which("hey")
     if exe is None:
         raise SystemExit("hey is not installed: apt-get install hey (make test installs it)")
-    out = subprocess.run(
-        [exe, "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json",
-         "-D", str(body), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    argv = [exe, "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-T", "application/json"]
+    out = subprocess.run([*argv, "-D", str(body), url], capture_output=True, text=True, check=True).stdout
     figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in (50, 95, 99):
         found = re.search(rf"\s{pct}% in ([\d.]+) secs", out)
@@ -101,8 +98,13 @@ def run_model(name: str, sizes: tuple[int, ...], work: Path, seconds: float, con
             print(f"[{name}] plain per-request server (baseline), {label} ...", file=sys.stderr)
             baseline = model_server(path, name, work, **env).start()
             procs.append(baseline)
-            runs.append({"setup": "baseline", "threads": label,
-                         **measured(baseline.url + infer, body, seconds, concurrency, [baseline])})  # fmt: skip
+            runs.append(
+                {
+                    "setup": "baseline",
+                    "threads": label,
+                    **measured(baseline.url + infer, body, seconds, concurrency, [baseline]),
+                }
+            )
             baseline.stop()
 
             print(f"[{name}] sidecar (batching) + model server, {label} ...", file=sys.stderr)
@@ -135,11 +137,17 @@ def run_model(name: str, sizes: tuple[int, ...], work: Path, seconds: float, con
     finally:
         for p in procs:
             p.stop()
-    return {"model": name, "sizes": list(sizes), "runs": runs, "best_baseline": best["baseline"],
-            "best_sidecar": best["sidecar"], "cache_hits": hits,
-            "throughput_ratio": float(best["sidecar"]["rps"]) / float(best["baseline"]["rps"]),  # type: ignore[arg-type]
-            "server_cpu_ratio": float(best["baseline"]["server_cpu_us_per_request"])  # type: ignore[arg-type]
-            / float(best["sidecar"]["server_cpu_us_per_request"])}  # fmt: skip
+    return {
+        "model": name,
+        "sizes": list(sizes),
+        "runs": runs,
+        "best_baseline": best["baseline"],
+        "best_sidecar": best["sidecar"],
+        "cache_hits": hits,
+        "throughput_ratio": float(best["sidecar"]["rps"]) / float(best["baseline"]["rps"]),  # type: ignore[arg-type]
+        "server_cpu_ratio": float(best["baseline"]["server_cpu_us_per_request"])  # type: ignore[arg-type]
+        / float(best["sidecar"]["server_cpu_us_per_request"]),
+    }
 
 
 def main() -> None:
@@ -155,25 +163,37 @@ def main() -> None:
             # The same shape of model, ~16x the compute per row: where batching is expected to pay.
             run_model("mlp_wide", (64, 2048, 2048, 2), work, args.seconds, args.concurrency),
         ]
-    print(f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, {cpu_limit()} CPUs "
-          "(the quota, else the cores in sight) shared by the load generator and the servers\n")  # fmt: skip
+    print(
+        f"\nserving benchmark, hey -c {args.concurrency}, {args.seconds:g} s per run, {cpu_limit()} CPUs "
+        "(the quota, else the cores in sight) shared by the load generator and the servers\n"
+    )
     head = f"{'model':<9} {'setup':<9} {'ORT threads':<23} {'req/s':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'cpu/req':>8}"
     print(head + "  notes")
     for r in results:
         for run in r["runs"]:  # type: ignore[union-attr]
             notes = f"avg batch {run['avg_batch']:.1f}" if run["setup"] == "sidecar" else ""
             cpu = run["server_cpu_us_per_request"]
-            print(f"{r['model']:<9} {run['setup']:<9} {run['threads']:<23} {run['rps']:>7.0f} {run['p50_ms']:>6.1f} "
-                  f"{run['p95_ms']:>6.1f} {run['p99_ms']:>6.1f} {cpu:>6.0f}us  {notes}")  # fmt: skip
+            print(
+                f"{r['model']:<9} {run['setup']:<9} {run['threads']:<23} {run['rps']:>7.0f} {run['p50_ms']:>6.1f} "
+                f"{run['p95_ms']:>6.1f} {run['p99_ms']:>6.1f} {cpu:>6.0f}us  {notes}"
+            )
         h = r["cache_hits"]
-        print(f"{r['model']:<9} {'cache':<9} {'(exact hits)':<23} {h['rps']:>7.0f} {h['p50_ms']:>6.1f} "
-              f"{h['p95_ms']:>6.1f} {h['p99_ms']:>6.1f} {h['server_cpu_us_per_request']:>6.0f}us  "
-              f"hit p50 {h['p50_single_ms']:.2f} ms on 1 connection, hit ratio {h['hit_ratio']:.2f}")  # fmt: skip
-        print(f"{r['model']:<9} best sidecar / best baseline: {r['throughput_ratio']:.2f}x req/s, "
-              f"{r['server_cpu_ratio']:.2f}x less server CPU per request\n")  # fmt: skip
+        print(
+            f"{r['model']:<9} {'cache':<9} {'(exact hits)':<23} {h['rps']:>7.0f} {h['p50_ms']:>6.1f} "
+            f"{h['p95_ms']:>6.1f} {h['p99_ms']:>6.1f} {h['server_cpu_us_per_request']:>6.0f}us  "
+            f"hit p50 {h['p50_single_ms']:.2f} ms on 1 connection, hit ratio {h['hit_ratio']:.2f}"
+        )
+        print(
+            f"{r['model']:<9} best sidecar / best baseline: {r['throughput_ratio']:.2f}x req/s, "
+            f"{r['server_cpu_ratio']:.2f}x less server CPU per request\n"
+        )
     print(f"(took {time.monotonic() - started:.0f} s)")
-    print(json.dumps({"benchmark": "serving", "concurrency": args.concurrency, "seconds": args.seconds,
-                      "results": results}, default=float))  # fmt: skip
+    print(
+        json.dumps(
+            {"benchmark": "serving", "concurrency": args.concurrency, "seconds": args.seconds, "results": results},
+            default=float,
+        )
+    )
 
 
 if __name__ == "__main__":

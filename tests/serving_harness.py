@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from leanserve.local_stack import free_port, wait_ready
+from leanserve_serving.local import cli_flags
 
 
 @dataclass
@@ -68,8 +69,8 @@ def start_redis(log_dir: Path) -> Process:
 
 def model_server(model: Path, name: str, log_dir: Path, port: int | None = None, **env: str) -> Process:
     port = port or free_port()
-    argv = [sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model), "--name", name,
-            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    flags = cli_flags(model=model, name=name, host="127.0.0.1", port=port)
+    argv = [sys.executable, "-m", "leanserve_serving.model_server", *flags]
     return Process(argv, port, env={"LEANSERVE_THREADS": "1", **env}, log=log_dir / f"model-{name}-{port}.log")
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from leanserve_serving.bench.evaldata import EvalDataError
 from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
+from leanserve_serving.local import cli_flags
 from leanserve_serving.profile import TERMINATION_MESSAGE_LIMIT, LatencyPoint, Profile, VariantProfile
 from leanserve_serving.reference_models import ReferenceModel, make_tabular
 
@@ -89,17 +90,27 @@ def test_compact_profile_fits_a_termination_message_and_round_trips(profile):
     assert back.model_digest == profile.model_digest
     assert [v.name for v in back.variants] == [v.name for v in profile.variants]
     assert back.variant("fp32").quality == pytest.approx(profile.variant("fp32").quality, rel=1e-3)
-    assert back.variant("fp32").stack.outside_ms[-1] == pytest.approx(profile.variant("fp32").stack.outside_ms[-1],
-                                                                       rel=1e-2)  # fmt: skip
+    assert back.variant("fp32").stack.outside_ms[-1] == pytest.approx(
+        profile.variant("fp32").stack.outside_ms[-1], rel=1e-2
+    )
 
 
 def test_compact_profile_thins_long_curves_but_keeps_the_best_point(profile):
-    points = [LatencyPoint(batch_size=2**i, p50_ms=1.123456 * i + 1, p95_ms=2.0 * i + 2, p99_ms=3.0 * i + 3,
-                           throughput_rps=1000.0 + (500 if i == 7 else i)) for i in range(11)]  # fmt: skip
-    big = profile.model_copy(update={"variants": [
+    points = [
+        LatencyPoint(
+            batch_size=2**i,
+            p50_ms=1.123456 * i + 1,
+            p95_ms=2.0 * i + 2,
+            p99_ms=3.0 * i + 3,
+            throughput_rps=1000.0 + (500 if i == 7 else i),
+        )
+        for i in range(11)
+    ]
+    variants = [
         VariantProfile(name=n, status="ok", latency=points, reason="x" * 1000, quality=0.9, quality_drop=0.0)
         for n in ("fp32", "int8-dynamic", "int8-static", "fp16")
-    ]})  # fmt: skip
+    ]
+    big = profile.model_copy(update={"variants": variants})
     text = big.to_compact()
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     for v in Profile.from_compact(text).variants:
@@ -186,12 +197,19 @@ def test_pickled_evaluation_data_is_refused(tabular, tmp_path):
 def test_cli_writes_full_and_compact_profiles(tabular, tmp_path):
     exe = shutil.which("leanserve", path=str(Path(sys.executable).parent))
     full, compact = tmp_path / "profile.json", tmp_path / "termination-log"
+    flags = cli_flags(
+        eval=tabular.evaluation,
+        instance_type="c6i.2xlarge",
+        variants="fp32,int8-dynamic",
+        seconds_per_point=0.02,
+        max_batch=16,
+        stack_seconds=0.1,
+        out=full,
+        compact_out=compact,
+    )
     proc = subprocess.run(
-        [exe, "bench", str(tabular.model), "--eval", str(tabular.evaluation), "--instance-type", "c6i.2xlarge",
-         "--variants", "fp32,int8-dynamic", "--seconds-per-point", "0.02", "--max-batch", "16",
-         "--stack-seconds", "0.1", "--out", str(full), "--compact-out", str(compact)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [exe, "bench", str(tabular.model), *flags], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [v["variant"] for v in summary["variants"]] == ["fp32", "int8-dynamic"]
@@ -227,8 +245,15 @@ def test_text_reference_model_encoder_matches_minilm_and_is_trained(text_model):
 
 
 def test_text_model_variants_profile_with_their_real_accuracy(text_model):
-    profile = run_bench(BenchOptions(text_model.model, text_model.evaluation, variants=("fp32", "int8-dynamic",
-                                     "int8-static"), seconds_per_point=0.05, max_batch=2))  # fmt: skip
+    profile = run_bench(
+        BenchOptions(
+            text_model.model,
+            text_model.evaluation,
+            variants=("fp32", "int8-dynamic", "int8-static"),
+            seconds_per_point=0.05,
+            max_batch=2,
+        )
+    )
     fp32 = profile.variant("fp32")
     assert fp32.quality == pytest.approx(text_model.accuracy, abs=1e-9)
     for name in ("int8-dynamic", "int8-static"):
@@ -248,8 +273,9 @@ def test_gpu_profile_fixture_is_labelled_with_the_hardware_it_came_from():
     assert profile.hardware.gpu == "NVIDIA H200"
     assert profile.instance_type == "nvidia-h200"  # never a cloud type it was not measured on (g4dn = T4)
     assert "CUDAExecutionProvider" in profile.hardware.providers
-    assert {v.name: v.status for v in profile.variants} == {n: "ok" for n in ("fp32", "int8-dynamic",
-                                                                               "int8-static", "fp16")}  # fmt: skip
+    assert {v.name: v.status for v in profile.variants} == {
+        n: "ok" for n in ("fp32", "int8-dynamic", "int8-static", "fp16")
+    }
     fp16 = profile.variant("fp16")
     assert abs(fp16.quality_drop) < 0.01
     assert len(profile.to_compact().encode()) <= TERMINATION_MESSAGE_LIMIT

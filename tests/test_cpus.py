@@ -38,8 +38,10 @@ def test_v2_unlimited_is_the_affinity_count(tmp_path):
 
 
 @pytest.mark.parametrize("folder", ["cpu", "cpu,cpuacct"])
-@pytest.mark.parametrize(("quota", "period", "expected"), [(200_000, 100_000, 2), (250_000, 100_000, 3),
-                                                           (25_000, 50_000, 1), (75_000, 25_000, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [(200_000, 100_000, 2), (250_000, 100_000, 3), (25_000, 50_000, 1), (75_000, 25_000, 3)],
+)
 def test_v1_quota_is_read_from_either_cpu_folder(tmp_path, folder, quota, period, expected):
     root = v1(tmp_path, quota, period, folder)
     assert quota_cpus(root) == pytest.approx(quota / period)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from leanserve_serving.fetch import FetchError, local_path, main, prepare, sha256_of
+from leanserve_serving.local import cli_flags
 from leanserve_serving.reference_models import ReferenceModel, make_tabular
 
 
@@ -38,8 +39,9 @@ def run(path: Path, rows: np.ndarray) -> np.ndarray:
 
 
 def test_http_fetch_with_the_right_digest_builds_a_loadable_int8_variant(tabular, server, tmp_path):
-    out = prepare(f"{server}/{tabular.model.name}", tmp_path / "model.onnx", "int8-dynamic",
-                  sha256=sha256_of(tabular.model))  # fmt: skip
+    out = prepare(
+        f"{server}/{tabular.model.name}", tmp_path / "model.onnx", "int8-dynamic", sha256=sha256_of(tabular.model)
+    )
     assert out.read_bytes() != tabular.model.read_bytes(), "quantized, not copied"
     rows = np.load(tabular.evaluation)["input"][:64]
     agree = (run(out, rows).argmax(1) == run(tabular.model, rows).argmax(1)).mean()
@@ -47,8 +49,12 @@ def test_http_fetch_with_the_right_digest_builds_a_loadable_int8_variant(tabular
 
 
 def test_static_int8_calibrates_on_the_evaluation_data(tabular, server, tmp_path):
-    out = prepare(f"file://{tabular.model}", tmp_path / "model.onnx", "int8-static",
-                  evaluation=f"{server}/{tabular.evaluation.name}")  # fmt: skip
+    out = prepare(
+        f"file://{tabular.model}",
+        tmp_path / "model.onnx",
+        "int8-static",
+        evaluation=f"{server}/{tabular.evaluation.name}",
+    )
     assert out.stat().st_size < tabular.model.stat().st_size
 
 
@@ -81,9 +87,14 @@ def test_the_bench_job_writes_its_profile_or_its_failure_to_the_termination_mess
     from leanserve_serving.profile import Profile
 
     log = tmp_path / "termination-log"
-    args = ["--uri", f"{server}/{tabular.model.name}", "--evaluation", f"{server}/{tabular.evaluation.name}",
-            "--instance-type", "m5.2xlarge", "--seconds-per-point", "0.01", "--max-batch", "8",
-            "--termination-log", str(log)]  # fmt: skip
+    args = cli_flags(
+        uri=f"{server}/{tabular.model.name}",
+        evaluation=f"{server}/{tabular.evaluation.name}",
+        instance_type="m5.2xlarge",
+        seconds_per_point=0.01,
+        max_batch=8,
+        termination_log=log,
+    )
     assert bench_main(args) == 0
     profile = Profile.from_compact(log.read_text())
     assert profile.instance_type == "m5.2xlarge" and len(log.read_bytes()) <= 4096

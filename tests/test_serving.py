@@ -81,6 +81,11 @@ def run_sidecar(started: list[Process], upstream: str, workdir: Path, **settings
     return proc
 
 
+def one_input(**tensor: object) -> dict[str, object]:
+    """A request body with one tensor: an FP32 ``input`` unless ``tensor`` says otherwise."""
+    return {"inputs": [{"name": "input", "datatype": "FP32", **tensor}]}
+
+
 def rows(n: int, seed: int = 0) -> list[list[float]]:
     return np.random.default_rng(seed).normal(size=(n, 64)).astype(np.float32).tolist()
 
@@ -134,10 +139,8 @@ def test_requests_of_different_shapes_batch_separately(servers, workdir, started
     car = run_sidecar(started, servers["seq"].url, workdir, max_batch_size=8, max_wait_ms=10)
     rng = np.random.default_rng(2)
     bodies = [
-        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, n, 8],
-                     "data": rng.normal(size=(1, n, 8)).astype(np.float32).tolist()}]}
-        for n in [3, 5, 7] * 20
-    ]  # fmt: skip
+        one_input(shape=[1, n, 8], data=rng.normal(size=(1, n, 8)).astype(np.float32).tolist()) for n in [3, 5, 7] * 20
+    ]
     with ThreadPoolExecutor(max_workers=24) as pool:
         via = list(pool.map(lambda b: post(car.url + "/v2/models/seq/infer", b), bodies))
     for body, (status, got, _) in zip(bodies, via, strict=True):
@@ -165,8 +168,9 @@ def test_exact_cache_hit_is_identical_and_skips_the_model(servers, redis, workdi
 
 
 def test_exact_cache_entries_expire_after_the_ttl(servers, redis, workdir, started):
-    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/2",
-                      cache_ttl_seconds=1)  # fmt: skip
+    car = run_sidecar(
+        started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/2", cache_ttl_seconds=1
+    )
     body = mlp_request(rows(1, seed=4)[0])
     assert post(car.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "model"
     assert post(car.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "exact"
@@ -175,8 +179,8 @@ def test_exact_cache_entries_expire_after_the_ttl(servers, redis, workdir, start
 
 
 def test_excluded_fields_are_left_out_of_the_key(servers, redis, workdir, started):
-    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/3",
-                      cache_exclude_fields=["request_id"])  # fmt: skip
+    redis_url = f"redis://127.0.0.1:{redis.port}/3"
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=redis_url, cache_exclude_fields=["request_id"])
     values = rows(1, seed=5)[0]
     first = post(car.url + "/v2/models/mlp/infer", mlp_request(values, parameters={"request_id": "a"}))
     second = post(car.url + "/v2/models/mlp/infer", mlp_request(values, parameters={"request_id": "b"}))
@@ -188,8 +192,8 @@ def test_excluded_fields_are_left_out_of_the_key(servers, redis, workdir, starte
 
 def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis, workdir, started):
     url = f"redis://127.0.0.1:{redis.port}/4"
-    car = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
-                      semantic_threshold=0.9, semantic_embedder="hashing")  # fmt: skip
+    semantic = {"redis_url": url, "semantic_enabled": True, "semantic_threshold": 0.9, "semantic_embedder": "hashing"}
+    car = run_sidecar(started, servers["text"].url, workdir, **semantic)
     infer = car.url + "/v2/models/text/infer"
     status, first, headers = post(infer, text_request("The battery life is great"))
     assert (status, headers["X-Leanserve-Source"]) == (200, "model")
@@ -203,8 +207,7 @@ def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis
     assert (status, headers["X-Leanserve-Source"]) == (200, "model")
     assert far["outputs"][0]["data"] == ["THE BATTERY LIFE IS TERRIBLE"]
     # A second replica sharing the Redis finds the entry through the shared index.
-    peer = run_sidecar(started, servers["text"].url, workdir, redis_url=url, semantic_enabled=True,
-                       semantic_threshold=0.9, semantic_embedder="hashing")  # fmt: skip
+    peer = run_sidecar(started, servers["text"].url, workdir, **semantic)
     time.sleep(0.6)  # one sync of the shared index
     status, shared, headers = post(peer.url + "/v2/models/text/infer", text_request("THE BATTERY LIFE IS GREAT."))
     assert (status, headers["X-Leanserve-Source"]) == (200, "semantic")
@@ -213,8 +216,9 @@ def test_semantic_cache_hits_above_the_threshold_and_misses_below(servers, redis
 
 def test_semantic_cache_with_minilm_catches_a_paraphrase(servers, redis, workdir, started):
     """The default embedder (all-MiniLM-L6-v2) at the default threshold 0.97."""
-    car = run_sidecar(started, servers["text"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/5",
-                      semantic_enabled=True)  # fmt: skip
+    car = run_sidecar(
+        started, servers["text"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/5", semantic_enabled=True
+    )
     infer = car.url + "/v2/models/text/infer"
     assert post(infer, text_request("How do I reset my password?"))[2]["X-Leanserve-Source"] == "model"
     status, hit, headers = post(infer, text_request("How can I reset my password?"))  # cosine 0.99
@@ -313,8 +317,9 @@ def slow_upstream(servers) -> Iterator[str]:
 
 
 def test_full_queue_answers_429_with_retry_after(slow_upstream, workdir, started):
-    car = run_sidecar(started, slow_upstream, workdir, max_batch_size=1, max_queue=4, upstream_concurrency=1,
-                      request_timeout_s=20)  # fmt: skip
+    car = run_sidecar(
+        started, slow_upstream, workdir, max_batch_size=1, max_queue=4, upstream_concurrency=1, request_timeout_s=20
+    )
     body = mlp_request(rows(1, seed=8)[0])
     assert post(car.url + "/v2/models/mlp/infer", body)[0] == 200  # metadata is looked up once, then cached
     with ThreadPoolExecutor(max_workers=12) as pool:
@@ -454,19 +459,17 @@ GOOD = mlp_request([0.5] * 64)
 BAD_INPUTS = {
     "invalid-json": (b'{"inputs": [', 400, "invalid JSON"),
     "no-inputs": ({"inputs": []}, 400, "'inputs' must be a non-empty list"),
-    "missing-input": ({"inputs": [{"name": "other", "datatype": "FP32", "shape": [1], "data": [1]}]}, 400,
-                      "missing input 'input'"),
-    "wrong-datatype": ({"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 64], "data": [0.5] * 64}]},
-                       400, "has datatype FP64, the model expects FP32"),
-    "wrong-shape": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 63], "data": [0.5] * 63}]},
-                    400, "has shape [1, 63], the model expects [-1, 64]"),
-    "data-count-mismatch": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5]}]},
-                            400, "needs 64 elements, got 1"),
-    "strings-for-numbers": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ["x"] * 64}]},
-                            400, "does not match datatype FP32"),
-    "oversized-body": ({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4096],
-                                    "data": [0.123456] * 4096}]}, 413, "request body too large"),
-}  # fmt: skip
+    "missing-input": (one_input(name="other", shape=[1], data=[1]), 400, "missing input 'input'"),
+    "wrong-datatype": (
+        one_input(datatype="FP64", shape=[1, 64], data=[0.5] * 64),
+        400,
+        "has datatype FP64, the model expects FP32",
+    ),
+    "wrong-shape": (one_input(shape=[1, 63], data=[0.5] * 63), 400, "has shape [1, 63], the model expects [-1, 64]"),
+    "data-count-mismatch": (one_input(shape=[1, 64], data=[0.5]), 400, "needs 64 elements, got 1"),
+    "strings-for-numbers": (one_input(shape=[1, 64], data=["x"] * 64), 400, "does not match datatype FP32"),
+    "oversized-body": (one_input(shape=[1, 4096], data=[0.123456] * 4096), 413, "request body too large"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -503,9 +506,15 @@ def test_sidecar_metrics_are_exposed_with_the_leanserve_prefix(strict_servers):
     car = strict_servers[1]
     post(car.url + "/v2/models/mlp/infer", GOOD)
     _, text = get(car.url + "/metrics")
-    for name in ("leanserve_requests_total", "leanserve_request_duration_seconds_bucket",
-                 "leanserve_upstream_duration_seconds_bucket", "leanserve_batch_size_bucket",
-                 "leanserve_queue_depth", "leanserve_redis_up", "leanserve_upstream_up"):  # fmt: skip
+    for name in (
+        "leanserve_requests_total",
+        "leanserve_request_duration_seconds_bucket",
+        "leanserve_upstream_duration_seconds_bucket",
+        "leanserve_batch_size_bucket",
+        "leanserve_queue_depth",
+        "leanserve_redis_up",
+        "leanserve_upstream_up",
+    ):
         assert name.encode() in text, name
 
 
@@ -528,8 +537,15 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
     model_drain = drain + timeout + 1  # what the operator derives: the sidecar's drain and shutdown, and a margin
     upstream = model_server(models["mlp"], "mlp", workdir, LEANSERVE_DRAIN_SECONDS=str(model_drain)).start()
     started.append(upstream)
-    car = run_sidecar(started, upstream.url, workdir, drain_seconds=drain, request_timeout_s=timeout,
-                      max_batch_size=64, max_wait_ms=wait_s * 1000)  # fmt: skip
+    car = run_sidecar(
+        started,
+        upstream.url,
+        workdir,
+        drain_seconds=drain,
+        request_timeout_s=timeout,
+        max_batch_size=64,
+        max_wait_ms=wait_s * 1000,
+    )
     path = "/v2/models/mlp/infer"
     body = orjson.dumps(mlp_request(rows(1, seed=9)[0]))
     assert post(car.url + path, body)[0] == 200
@@ -583,8 +599,10 @@ def test_sigterm_drains_the_pod_with_no_failed_request_then_both_exit_in_time(mo
             return f"{type(exc).__name__}: {exc}"
 
     clients = [threading.Thread(target=new_connections, args=(f"new-{i}",), daemon=True) for i in range(5)]
-    clients += [threading.Thread(target=kept_alive, daemon=True),
-                threading.Thread(target=in_flight_at_the_end, daemon=True)]  # fmt: skip
+    clients += [
+        threading.Thread(target=kept_alive, daemon=True),
+        threading.Thread(target=in_flight_at_the_end, daemon=True),
+    ]
     for t in clients:
         t.start()
     readiness: list[tuple[float, int | str]] = []

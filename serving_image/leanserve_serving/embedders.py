@@ -118,12 +118,16 @@ class MiniLMEmbedder:
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             context = (scores / scores.sum(-1, keepdims=True)) @ v
             attended = self._linear(context.transpose(1, 0, 2).reshape(n, -1), f"{p}.attention.output.dense")
-            x = _layer_norm(x + attended, w[f"{p}.attention.output.LayerNorm.weight"],
-                            w[f"{p}.attention.output.LayerNorm.bias"])  # fmt: skip
+            x = _layer_norm(
+                x + attended, w[f"{p}.attention.output.LayerNorm.weight"], w[f"{p}.attention.output.LayerNorm.bias"]
+            )
             hidden = self._linear(x, f"{p}.intermediate.dense")
             hidden = 0.5 * hidden * (1.0 + _erf(hidden / math.sqrt(2.0)))
-            x = _layer_norm(x + self._linear(hidden, f"{p}.output.dense"), w[f"{p}.output.LayerNorm.weight"],
-                            w[f"{p}.output.LayerNorm.bias"])  # fmt: skip
+            x = _layer_norm(
+                x + self._linear(hidden, f"{p}.output.dense"),
+                w[f"{p}.output.LayerNorm.weight"],
+                w[f"{p}.output.LayerNorm.bias"],
+            )
         pooled = x.mean(axis=0)
         return (pooled / np.linalg.norm(pooled)).astype(np.float32)
 

@@ -98,8 +98,15 @@ def fetch_evaluation(uri: str, work: Path) -> Path:
     return fetch(uri, work / ("evaluation" + Path(urlsplit(uri).path).suffix))
 
 
-def prepare(uri: str, out: Path, variant: str = "fp32", sha256: str | None = None, model_format: str = "onnx",
-            evaluation: str | None = None, gpu: bool = False) -> Path:  # fmt: skip
+def prepare(
+    uri: str,
+    out: Path,
+    variant: str = "fp32",
+    sha256: str | None = None,
+    model_format: str = "onnx",
+    evaluation: str | None = None,
+    gpu: bool = False,
+) -> Path:
     """Fetch, verify and convert the model; write the variant to ``out``. Returns ``out``."""
     from leanserve_serving.bench.evaldata import EvalDataError, load_eval_data, read_npz
     from leanserve_serving.bench.variants import build_variants
@@ -157,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
         _termination_message(message)
         return 1
-    print(f"model ready: {args.out} ({args.variant}, {args.out.stat().st_size} bytes, "
-          f"{time.monotonic() - start:.1f} s)")  # fmt: skip
+    print(
+        f"model ready: {args.out} ({args.variant}, {args.out.stat().st_size} bytes, {time.monotonic() - start:.1f} s)"
+    )
     return 0
 
 

@@ -80,8 +80,22 @@ def running_on(cpus: CPUs) -> Iterator[None]:
 
 def _env(redis_url: str = "", cpus: CPUs = None) -> dict[str, str]:
     threads = len(cpus) if cpus else cpu_limit()
-    return {**os.environ, "LEANSERVE_THREADS": str(threads),
-            "LEANSERVE_UPSTREAM_CONCURRENCY": str(UPSTREAM_CONCURRENCY), "LEANSERVE_REDIS_URL": redis_url}  # fmt: skip
+    return {
+        **os.environ,
+        "LEANSERVE_THREADS": str(threads),
+        "LEANSERVE_UPSTREAM_CONCURRENCY": str(UPSTREAM_CONCURRENCY),
+        "LEANSERVE_REDIS_URL": redis_url,
+    }
+
+
+def cli_flags(**flags: object) -> list[str]:
+    """``--name value`` arguments of a command line, each keyword's underscores turned into dashes."""
+    return [arg for name, value in flags.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def _start(argv: list[str], env: dict[str, str], quiet: bool, cpus: CPUs) -> subprocess.Popen[bytes]:
+    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
+    return subprocess.Popen(argv, env=env, **output, **pinned(cpus))  # type: ignore[call-overload]
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -107,10 +121,8 @@ class ModelServerProcess:
 def model_server(model: Path, name: str, quiet: bool = True, cpus: CPUs = None) -> Iterator[ModelServerProcess]:
     """The model server container as a local process on a free loopback port (on ``cpus``); stopped after."""
     port = free_port()
-    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
-    proc = subprocess.Popen([sys.executable, "-m", "leanserve_serving.model_server", "--model", str(model),
-                             "--name", name, "--host", "127.0.0.1", "--port", str(port)], env=_env(cpus=cpus), **output,
-                            **pinned(cpus))  # type: ignore[call-overload]  # fmt: skip
+    flags = cli_flags(model=model, name=name, host="127.0.0.1", port=port)
+    proc = _start([sys.executable, "-m", "leanserve_serving.model_server", *flags], _env(cpus=cpus), quiet, cpus)
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         yield ModelServerProcess(proc, f"http://127.0.0.1:{port}")
@@ -120,16 +132,18 @@ def model_server(model: Path, name: str, quiet: bool = True, cpus: CPUs = None) 
 
 @contextlib.contextmanager
 def sidecar(
-    upstream: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
-    quiet: bool = True, cpus: CPUs = None,
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:  # fmt: skip
+    upstream: str,
+    max_batch: int,
+    max_wait_ms: float,
+    port: int | None = None,
+    redis_url: str = "",
+    quiet: bool = True,
+    cpus: CPUs = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """The sidecar container as a local process in front of ``upstream``; yields it and its port."""
     port = port or free_port()
-    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "leanserve_serving.sidecar", "--upstream", upstream, "--host", "127.0.0.1",
-         "--port", str(port), "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
-        env=_env(redis_url, cpus), **output, **pinned(cpus))  # type: ignore[call-overload]  # fmt: skip
+    flags = cli_flags(upstream=upstream, host="127.0.0.1", port=port, max_batch_size=max_batch, max_wait_ms=max_wait_ms)
+    proc = _start([sys.executable, "-m", "leanserve_serving.sidecar", *flags], _env(redis_url, cpus), quiet, cpus)
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         yield proc, port
@@ -139,11 +153,19 @@ def sidecar(
 
 @contextlib.contextmanager
 def serving_stack(
-    model: Path, name: str, max_batch: int, max_wait_ms: float, port: int | None = None, redis_url: str = "",
-    quiet: bool = True, cpus: CPUs = None,
-) -> Iterator[str]:  # fmt: skip
+    model: Path,
+    name: str,
+    max_batch: int,
+    max_wait_ms: float,
+    port: int | None = None,
+    redis_url: str = "",
+    quiet: bool = True,
+    cpus: CPUs = None,
+) -> Iterator[str]:
     """A pod's two containers as local processes: the model server and, in front, the sidecar with this
     batching (and a cache when ``redis_url`` is set), both on ``cpus``. Yields the infer URL; stops both after."""
-    with model_server(model, name, quiet, cpus) as server, sidecar(server.url, max_batch, max_wait_ms, port,
-                                                                    redis_url, quiet, cpus) as (_, front):  # fmt: skip
+    with (
+        model_server(model, name, quiet, cpus) as server,
+        sidecar(server.url, max_batch, max_wait_ms, port, redis_url, quiet, cpus) as (_, front),
+    ):
         yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"

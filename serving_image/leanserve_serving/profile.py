@@ -131,9 +131,10 @@ class Profile(_Model):
             for v, full in zip(doc["variants"], self.variants, strict=True):
                 best = full.best()
                 v["latency"] = [
-                    p for i, p in enumerate(v["latency"])
+                    p
+                    for i, p in enumerate(v["latency"])
                     if i % keep_every == 0 or (best is not None and p["batch_size"] == best.batch_size)
-                ]  # fmt: skip
+                ]
 
     @classmethod
     def from_compact(cls, text: str) -> Profile:
@@ -149,17 +150,19 @@ def summary_rows(profile: Profile) -> list[dict[str, Any]]:
     base_single = base.latency[0].throughput_rps if base and base.latency else None
     for v in profile.variants:
         best = v.best()
-        rows.append({
-            "variant": v.name,
-            "status": v.status if v.status == "ok" else f"{v.status}: {v.reason[:60]}",
-            "quality": v.quality,
-            "drop": v.quality_drop,
-            "p50_b1_ms": v.latency[0].p50_ms if v.latency else None,
-            "best_batch": best.batch_size if best else None,
-            "best_rps": best.throughput_rps if best else None,
-            "vs_fp32_best": best.throughput_rps / base_best.throughput_rps if best and base_best else None,
-            "vs_fp32_b1": best.throughput_rps / base_single if best and base_single else None,
-            "load_s": v.load_seconds,
-            "rss_mb": v.rss_mb,
-        })  # fmt: skip
+        rows.append(
+            {
+                "variant": v.name,
+                "status": v.status if v.status == "ok" else f"{v.status}: {v.reason[:60]}",
+                "quality": v.quality,
+                "drop": v.quality_drop,
+                "p50_b1_ms": v.latency[0].p50_ms if v.latency else None,
+                "best_batch": best.batch_size if best else None,
+                "best_rps": best.throughput_rps if best else None,
+                "vs_fp32_best": best.throughput_rps / base_best.throughput_rps if best and base_best else None,
+                "vs_fp32_b1": best.throughput_rps / base_single if best and base_single else None,
+                "load_s": v.load_seconds,
+                "rss_mb": v.rss_mb,
+            }
+        )
     return rows

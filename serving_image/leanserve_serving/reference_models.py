@@ -44,8 +44,15 @@ def _teacher_labels(x: np.ndarray, rng: np.random.Generator, classes: int) -> np
 Params = list[tuple[np.ndarray, np.ndarray]]
 
 
-def _train_mlp(x: np.ndarray, y: np.ndarray, sizes: tuple[int, ...], rng: np.random.Generator,
-               steps: int = 1500, lr: float = 3e-3, batch: int = 256) -> Params:  # fmt: skip
+def _train_mlp(
+    x: np.ndarray,
+    y: np.ndarray,
+    sizes: tuple[int, ...],
+    rng: np.random.Generator,
+    steps: int = 1500,
+    lr: float = 3e-3,
+    batch: int = 256,
+) -> Params:
     """Softmax-cross-entropy MLP trained with Adam; returns [(W, b), ...]."""
     params = [
         (rng.normal(0, (2 / a) ** 0.5, (a, b)).astype(np.float32), np.zeros(b, np.float32))
@@ -90,11 +97,12 @@ def _mlp_onnx(params: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:
             nodes.append(helper.make_node("Relu", [f"z{i}"], [f"h{i}"]))
             prev = f"h{i}"
     graph = helper.make_graph(
-        nodes, "tabular_mlp",
+        nodes,
+        "tabular_mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", params[0][0].shape[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", params[-1][0].shape[1]])],
         inits,
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="leanserve")
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -125,12 +133,32 @@ def make_tabular(out_dir: Path, seed: int = 7, eval_rows: int = 2000) -> Referen
 
 # ---- text classifier: tokenizer + transformer encoder (all-MiniLM-L6-v2) + a trained head ---------
 
-_SUBJECTS = ["the battery", "this phone", "the screen", "delivery", "the camera", "customer service",
-             "the price", "the sound", "this laptop", "the app", "the keyboard", "shipping"]  # fmt: skip
+_SUBJECTS = [
+    "the battery",
+    "this phone",
+    "the screen",
+    "delivery",
+    "the camera",
+    "customer service",
+    "the price",
+    "the sound",
+    "this laptop",
+    "the app",
+    "the keyboard",
+    "shipping",
+]
 _GOOD = ["great", "excellent", "fantastic", "reliable", "wonderful", "superb", "fast", "impressive", "solid"]
 _BAD = ["terrible", "awful", "broken", "slow", "disappointing", "useless", "poor", "flimsy", "horrible"]
-_FRAMES = ["{s} is {a}", "{s} was {a}", "honestly {s} is {a}", "{s} turned out {a}", "i think {s} is {a}",
-           "{s} is really {a}", "wow, {s} is {a}!", "{s} seems {a} so far"]  # fmt: skip
+_FRAMES = [
+    "{s} is {a}",
+    "{s} was {a}",
+    "honestly {s} is {a}",
+    "{s} turned out {a}",
+    "i think {s} is {a}",
+    "{s} is really {a}",
+    "wow, {s} is {a}!",
+    "{s} seems {a} so far",
+]
 
 
 def _sentences(rng: np.random.Generator, n: int) -> tuple[list[str], np.ndarray]:
@@ -178,20 +206,22 @@ def _encoder_graph(weights: dict[str, np.ndarray], layers: int, heads: int) -> t
     seq = node("Gather", [node("Shape", ["input_ids"], "ids_shape"), const("one", np.array(1, np.int64))], "seq")
     positions = node("Range", [const("zero", np.array(0, np.int64)), seq, "one"], "positions")
     pos = node("Gather", [const("pos_emb", weights["embeddings.position_embeddings.weight"]), positions], "pos")
-    x = node("Add", [node("Add", [words, pos], "wp"),
-                     const("type0", weights["embeddings.token_type_embeddings.weight"][0])], "emb")  # fmt: skip
+    wp = node("Add", [words, pos], "wp")
+    x = node("Add", [wp, const("type0", weights["embeddings.token_type_embeddings.weight"][0])], "emb")
     x = layer_norm(x, "embeddings.LayerNorm", "x0")
     mask = node("Cast", ["attention_mask"], "maskf", to=TensorProto.FLOAT)
-    bias = node("Mul", [node("Sub", [const("onef", np.array(1.0, np.float32)), mask], "inv"),
-                        const("neg", np.array(-10000.0, np.float32))], "bias0")  # fmt: skip
+    inverted = node("Sub", [const("onef", np.array(1.0, np.float32)), mask], "inv")
+    bias = node("Mul", [inverted, const("neg", np.array(-10000.0, np.float32))], "bias0")
     bias = node("Unsqueeze", [bias, const("ax12", np.array([1, 2], np.int64))], "bias")
     split = const("split_shape", np.array([0, 0, heads, head_dim], np.int64))
     merge = const("merge_shape", np.array([0, 0, hidden], np.int64))
     scale = const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
     for i in range(layers):
         p = f"encoder.layer.{i}"
-        q, k, v = (node("Reshape", [linear(x, f"{p}.attention.self.{m}", f"{p}.{m}"), split], f"{p}.{m}.split")
-                   for m in ("query", "key", "value"))  # fmt: skip
+        q, k, v = (
+            node("Reshape", [linear(x, f"{p}.attention.self.{m}", f"{p}.{m}"), split], f"{p}.{m}.split")
+            for m in ("query", "key", "value")
+        )
         q = node("Transpose", [q], f"{p}.qt", perm=[0, 2, 1, 3])
         k = node("Transpose", [k], f"{p}.kt", perm=[0, 2, 3, 1])
         v = node("Transpose", [v], f"{p}.vt", perm=[0, 2, 1, 3])
@@ -202,10 +232,10 @@ def _encoder_graph(weights: dict[str, np.ndarray], layers: int, heads: int) -> t
         attended = linear(context, f"{p}.attention.output.dense", f"{p}.att")
         x = layer_norm(node("Add", [x, attended], f"{p}.res1"), f"{p}.attention.output.LayerNorm", f"{p}.x1")
         h = linear(x, f"{p}.intermediate.dense", f"{p}.inter")
-        erf = node("Erf", [node("Mul", [h, const(f"{p}.isq2", np.array(1 / np.sqrt(2), np.float32))], f"{p}.hs")],
-                   f"{p}.erf")  # fmt: skip
-        gelu = node("Mul", [node("Mul", [h, const(f"{p}.half", np.array(0.5, np.float32))], f"{p}.hh"),
-                            node("Add", [erf, "onef"], f"{p}.erf1")], f"{p}.gelu")  # fmt: skip
+        scaled = node("Mul", [h, const(f"{p}.isq2", np.array(1 / np.sqrt(2), np.float32))], f"{p}.hs")
+        erf = node("Erf", [scaled], f"{p}.erf")
+        halved = node("Mul", [h, const(f"{p}.half", np.array(0.5, np.float32))], f"{p}.hh")
+        gelu = node("Mul", [halved, node("Add", [erf, "onef"], f"{p}.erf1")], f"{p}.gelu")
         out = linear(gelu, f"{p}.output.dense", f"{p}.out")
         x = layer_norm(node("Add", [x, out], f"{p}.res2"), f"{p}.output.LayerNorm", f"x{i + 1}")
     mask3 = node("Unsqueeze", [mask, const("ax2", np.array([2], np.int64))], "mask3")
@@ -217,8 +247,9 @@ def _encoder_graph(weights: dict[str, np.ndarray], layers: int, heads: int) -> t
     return nodes, inits
 
 
-def make_text_classifier(out_dir: Path, seed: int = 11, train_rows: int = 600, eval_rows: int = 400,
-                         max_tokens: int = 16) -> ReferenceModel:  # fmt: skip
+def make_text_classifier(
+    out_dir: Path, seed: int = 11, train_rows: int = 600, eval_rows: int = 400, max_tokens: int = 16
+) -> ReferenceModel:
     """all-MiniLM-L6-v2 (frozen, from the offline weights package) plus a logistic-regression head trained
     on synthetic reviews; inputs ``input_ids`` and ``attention_mask`` (INT64 [batch, seq]), output ``logits``."""
     import onnxruntime as ort
@@ -234,9 +265,13 @@ def make_text_classifier(out_dir: Path, seed: int = 11, train_rows: int = 600, e
     ]
 
     def save(graph_nodes: list, graph_inits: list, output: str, width: int, path: Path) -> None:
-        graph = helper.make_graph(graph_nodes, "text_classifier", io,
-                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", width])],
-                                  graph_inits)  # fmt: skip
+        graph = helper.make_graph(
+            graph_nodes,
+            "text_classifier",
+            io,
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", width])],
+            graph_inits,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="leanserve")
         model.ir_version = 8
         onnx.save(model, str(path))
@@ -247,8 +282,10 @@ def make_text_classifier(out_dir: Path, seed: int = 11, train_rows: int = 600, e
 
     def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
         enc = tokenizer.encode_batch(texts)
-        return {"input_ids": np.array([e.ids for e in enc], np.int64),
-                "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}  # fmt: skip
+        return {
+            "input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+        }
 
     encoder_path = out_dir / "text-encoder.onnx"
     save(nodes, inits, "pooled", embedder.dimensions, encoder_path)
@@ -264,11 +301,13 @@ def make_text_classifier(out_dir: Path, seed: int = 11, train_rows: int = 600, e
         grad = (z / z.sum(1, keepdims=True) - onehot) / train_rows
         w -= 2.0 * (train_x.T @ grad)
         b -= 2.0 * grad.sum(0)
-    head = [helper.make_node("MatMul", ["pooled", "head_w"], ["head_mm"]),
-            helper.make_node("Add", ["head_mm", "head_b"], ["logits"])]  # fmt: skip
+    head = [
+        helper.make_node("MatMul", ["pooled", "head_w"], ["head_mm"]),
+        helper.make_node("Add", ["head_mm", "head_b"], ["logits"]),
+    ]
     model_path = out_dir / "text.onnx"
-    save(nodes + head, [*inits, numpy_helper.from_array(w, "head_w"), numpy_helper.from_array(b, "head_b")],
-         "logits", 2, model_path)  # fmt: skip
+    head_inits = [numpy_helper.from_array(w, "head_w"), numpy_helper.from_array(b, "head_b")]
+    save(nodes + head, [*inits, *head_inits], "logits", 2, model_path)
     encoder_path.unlink()
     test = tokenize(texts[train_rows:])
     accuracy = float(((features[train_rows:] @ w + b).argmax(1) == labels[train_rows:]).mean())

@@ -15,16 +15,30 @@ STACK_SECONDS = 0.6
 
 def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
     """``--max-batch``, ``--seconds-per-point`` and ``--stack-seconds``."""
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                        help=f"largest batch size tried (default {MAX_BATCH})")  # fmt: skip
-    parser.add_argument("--seconds-per-point", type=float, default=SECONDS_PER_POINT,
-                        help=f"timing budget per batch size (default {SECONDS_PER_POINT:g})")  # fmt: skip
-    parser.add_argument("--stack-seconds", type=float, default=STACK_SECONDS,
-                        help=f"load per batch size through the serving stack, sidecar + model server "
-                             f"(default {STACK_SECONDS:g}; 0 skips it)")  # fmt: skip
+    parser.add_argument(
+        "--max-batch", type=int, default=MAX_BATCH, help=f"largest batch size tried (default {MAX_BATCH})"
+    )
+    parser.add_argument(
+        "--seconds-per-point",
+        type=float,
+        default=SECONDS_PER_POINT,
+        help=f"timing budget per batch size (default {SECONDS_PER_POINT:g})",
+    )
+    parser.add_argument(
+        "--stack-seconds",
+        type=float,
+        default=STACK_SECONDS,
+        help=(
+            f"load per batch size through the serving stack, sidecar + model server "
+            f"(default {STACK_SECONDS:g}; 0 skips it)"
+        ),
+    )
 
 
 def timing_options(args: argparse.Namespace) -> dict[str, Any]:
     """The BenchOptions fields those flags set."""
-    return {"max_batch": args.max_batch, "seconds_per_point": args.seconds_per_point,
-            "stack_seconds": args.stack_seconds}  # fmt: skip
+    return {
+        "max_batch": args.max_batch,
+        "seconds_per_point": args.seconds_per_point,
+        "stack_seconds": args.stack_seconds,
+    }

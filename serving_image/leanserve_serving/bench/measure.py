@@ -86,9 +86,15 @@ def latency_curve(
             raise
         ms = np.array(times) * 1000
         rps = batch / (ms.mean() / 1000)
-        points.append(LatencyPoint(batch_size=batch, p50_ms=float(np.percentile(ms, 50)),
-                                   p95_ms=float(np.percentile(ms, 95)), p99_ms=float(np.percentile(ms, 99)),
-                                   throughput_rps=float(rps)))  # fmt: skip
+        points.append(
+            LatencyPoint(
+                batch_size=batch,
+                p50_ms=float(np.percentile(ms, 50)),
+                p95_ms=float(np.percentile(ms, 95)),
+                p99_ms=float(np.percentile(ms, 99)),
+                throughput_rps=float(rps),
+            )
+        )
         flat = flat + 1 if rps < best * 1.05 else 0
         best = max(best, rps)
         if flat >= 2:
@@ -110,8 +116,12 @@ def gpu_memory_mb() -> float | None:
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
-    out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     for line in out.splitlines():
         pid, _, used = line.partition(",")
         if pid.strip() == str(os.getpid()):
@@ -134,12 +144,21 @@ def hardware(vcpus: int) -> Hardware:
     gpu, gpu_mem = None, None
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+        out = subprocess.run(
+            [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         if out:
             name, _, mem = out.splitlines()[0].partition(",")
             gpu, gpu_mem = name.strip(), int(float(mem))
     return Hardware(
-        cpu_model=cpu_model, vcpus=vcpus, isa_flags=[f for f in INTERESTING_FLAGS if f in flags], gpu=gpu,
-        gpu_memory_mb=gpu_mem, onnxruntime=ort.__version__, providers=ort.get_available_providers(),
-    )  # fmt: skip
+        cpu_model=cpu_model,
+        vcpus=vcpus,
+        isa_flags=[f for f in INTERESTING_FLAGS if f in flags],
+        gpu=gpu,
+        gpu_memory_mb=gpu_mem,
+        onnxruntime=ort.__version__,
+        providers=ort.get_available_providers(),
+    )

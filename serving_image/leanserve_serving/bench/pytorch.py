@@ -58,7 +58,13 @@ def export_to_onnx(path: Path, samples: dict[str, np.ndarray], out: Path) -> Pat
     count = len(outputs) if isinstance(outputs, tuple | list) else 1
     output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     torch.onnx.export(
-        module, example, str(out), input_names=names, output_names=output_names, opset_version=17,
-        dynamic_axes={n: {0: "batch"} for n in names + output_names}, dynamo=False,
-    )  # fmt: skip
+        module,
+        example,
+        str(out),
+        input_names=names,
+        output_names=output_names,
+        opset_version=17,
+        dynamic_axes={n: {0: "batch"} for n in names + output_names},
+        dynamo=False,
+    )
     return out

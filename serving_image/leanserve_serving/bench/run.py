@@ -128,19 +128,40 @@ def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
                 progress(f"{built.name}: through the serving stack (sidecar + model server)")
                 sizes = [p.batch_size for p in curve]
                 say = lambda m, n=built.name: progress(f"{n}: {m}")  # noqa: E731
-                figures = measure_stack(built.path, v2_body(data.inputs, specs), sizes, options.stack_seconds,
-                                        progress=say, cpus=options.cpus, client_cpus=options.client_cpus)  # fmt: skip
+                figures = measure_stack(
+                    built.path,
+                    v2_body(data.inputs, specs),
+                    sizes,
+                    options.stack_seconds,
+                    progress=say,
+                    cpus=options.cpus,
+                    client_cpus=options.client_cpus,
+                )
                 curve = [p.model_copy(update={"stack_ms": figures.batch_ms.get(p.batch_size)}) for p in curve]
                 stack_profile = figures.profile
-            results.append(VariantProfile(
-                name=built.name, status="ok", size_bytes=built.path.stat().st_size, load_seconds=load_s,  # type: ignore[arg-type]
-                quality=value, quality_drop=drop, latency=curve, rss_mb=rss, gpu_memory_mb=gpu_mb,
-                stack=stack_profile,
-            ))  # fmt: skip
+            results.append(
+                VariantProfile(
+                    name=built.name,
+                    status="ok",
+                    size_bytes=built.path.stat().st_size,
+                    load_seconds=load_s,  # type: ignore[arg-type]
+                    quality=value,
+                    quality_drop=drop,
+                    latency=curve,
+                    rss_mb=rss,
+                    gpu_memory_mb=gpu_mb,
+                    stack=stack_profile,
+                )
+            )
         except Exception as exc:  # a variant that builds but cannot run is a failed variant
             results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
     return Profile(
-        model_name=options.model.stem, model_digest=digest(options.model), instance_type=options.instance_type,
-        metric=options.metric, evaluation_rows=data.rows, threads=threads,  # type: ignore[arg-type]
-        hardware=measure.hardware(cpu_limit()), variants=results,
-    )  # fmt: skip
+        model_name=options.model.stem,
+        model_digest=digest(options.model),
+        instance_type=options.instance_type,
+        metric=options.metric,
+        evaluation_rows=data.rows,
+        threads=threads,  # type: ignore[arg-type]
+        hardware=measure.hardware(cpu_limit()),
+        variants=results,
+    )

@@ -60,8 +60,10 @@ def v2_body(feeds: dict[str, np.ndarray], specs: list[TensorSpec]) -> bytes:
 
 
 def http_request(port: int, path: str, body: bytes) -> bytes:
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -190,7 +192,11 @@ def measure_stack(
     outside = np.maximum(np.percentile(latencies, STACK_LEVELS) - single, 0.0)
     jitter = np.percentile(np.concatenate(ratios), STACK_LEVELS)
     p50, p90 = STACK_LEVELS.index(50), STACK_LEVELS.index(90)
-    progress(f"stack: outside the batch p50 {outside[p50]:.2f} ms, p90 {outside[p90]:.2f} ms; batch time "
-             f"p90/mean {jitter[p90]:.2f}")  # fmt: skip
-    return StackFigures(batch_ms, StackProfile(jitter=[round(float(x), 4) for x in jitter],
-                                               outside_ms=[round(float(x), 3) for x in outside]))  # fmt: skip
+    progress(
+        f"stack: outside the batch p50 {outside[p50]:.2f} ms, p90 {outside[p90]:.2f} ms; batch time "
+        f"p90/mean {jitter[p90]:.2f}"
+    )
+    return StackFigures(
+        batch_ms,
+        StackProfile(jitter=[round(float(x), 4) for x in jitter], outside_ms=[round(float(x), 3) for x in outside]),
+    )

@@ -108,10 +108,15 @@ def _int8_static(model: Path, data: EvalData, out_dir: Path) -> Path:
     quant_pre_process(str(model), str(prepared))  # shape inference and graph clean-up ORT recommends first
     out = out_dir / "int8-static.onnx"
     quantize_static(
-        str(prepared), str(out), _Calibration(data), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+        str(prepared),
+        str(out),
+        _Calibration(data),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
-    )  # fmt: skip
+    )
     return out
 
 
