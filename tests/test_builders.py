@@ -14,11 +14,10 @@ from leanserve.controller.builders import (
     render_all,
     render_deployment,
     render_hpa,
-    replica_bounds,
     sidecar_settings,
 )
 from leanserve.planner.latency import Policy
-from leanserve.planner.plan import Candidate
+from leanserve.planner.plan import Candidate, replica_bounds
 from leanserve.planner.prices import load_prices
 
 PRICES = load_prices()
@@ -36,12 +35,27 @@ def spec(**changes: Any) -> InferenceDeploymentSpec:
     return InferenceDeploymentSpec.model_validate(base)
 
 
-def plan(instance_type: str = "m5.2xlarge", variant: str = "int8-dynamic", batch: int = 16, wait: float = 2.0,
-         peak: int = 4, capacity: float = 250.0) -> Candidate:  # fmt: skip
+def plan(
+    instance_type: str = "m5.2xlarge",
+    variant: str = "int8-dynamic",
+    batch: int = 16,
+    wait: float = 2.0,
+    peak: int = 4,
+    capacity: float = 250.0,
+) -> Candidate:
+    """A sized candidate as the planner leaves it (replica bounds for the default spec)."""
     itype = PRICES.get(instance_type)
     assert itype is not None
-    c = Candidate(instance_type, variant, Policy(batch, wait), itype.on_demand_usd_per_hour, itype.is_gpu, 0.002)
+    c = Candidate(
+        instance_type=instance_type,
+        variant=variant,
+        policy=Policy(batch, wait),
+        price_per_hour=itype.on_demand_usd_per_hour,
+        is_gpu=itype.is_gpu,
+        quality_drop=0.002,
+    )
     c.capacity_rps, c.replicas_hourly = capacity, [1] * 12 + [peak] * 12
+    c.replicas_min, c.replicas_max = replica_bounds(spec(), c)
     return c
 
 
@@ -53,8 +67,15 @@ def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_object_is_owned_labelled_and_in_the_namespace():
     objects = render_all(OWNER, spec(), plan(), CPU, BuildSettings())
     kinds = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
-    assert kinds == ["Deployment/fraud-redis", "Service/fraud-redis", "ConfigMap/fraud-sidecar", "Deployment/fraud",
-                     "Service/fraud", "HorizontalPodAutoscaler/fraud", "PodDisruptionBudget/fraud"]  # fmt: skip
+    assert kinds == [
+        "Deployment/fraud-redis",
+        "Service/fraud-redis",
+        "ConfigMap/fraud-sidecar",
+        "Deployment/fraud",
+        "Service/fraud",
+        "HorizontalPodAutoscaler/fraud",
+        "PodDisruptionBudget/fraud",
+    ]
     for o in objects:
         assert o["metadata"]["namespace"] == "team-a"
         (ref,) = o["metadata"]["ownerReferences"]
@@ -138,7 +159,14 @@ def test_a_changed_batching_policy_rolls_the_pods():
     ],
 )
 def test_hpa_bounds_are_the_warm_pool_and_what_the_budget_allows(changes, itype, expected):
-    assert replica_bounds(spec(**changes), plan(itype), PRICES.get(itype)) == expected
+    assert replica_bounds(spec(**changes), plan(itype)) == expected
+
+
+def test_the_hpa_takes_its_bounds_from_the_plan():
+    c = plan()
+    c.replicas_min, c.replicas_max = 2, 9
+    hpa = render_hpa(OWNER, spec(), c, CPU, BuildSettings())["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 9)
 
 
 def test_hpa_scales_on_request_rate_when_custom_metrics_exist_else_on_cpu():
@@ -165,8 +193,9 @@ def test_redis_is_managed_unless_the_spec_names_one_or_turns_caching_off():
     assert managed["max_batch_size"] == 16 and managed["max_wait_ms"] == 2.0
     external = spec(cache={"redis": {"url": "rediss://cache.example.com:6380/2"}})
     assert sidecar_settings(OWNER, external, plan())["redis_url"] == "rediss://cache.example.com:6380/2"
-    assert not any(o["metadata"]["name"].endswith("-redis") for o in render_all(OWNER, external, plan(), CPU,
-                                                                                  BuildSettings()))  # fmt: skip
+    assert not any(
+        o["metadata"]["name"].endswith("-redis") for o in render_all(OWNER, external, plan(), CPU, BuildSettings())
+    )
     off = spec(cache={"exact": {"enabled": False}})
     assert sidecar_settings(OWNER, off, plan())["redis_url"] == ""
     assert len(render_all(OWNER, off, plan(), CPU, BuildSettings())) == 5

@@ -22,8 +22,9 @@ from leanserve.api.resource import GROUP, PLURAL, VERSION
 from leanserve.api.spec import ModelSpec
 from leanserve.controller import profile_store
 from leanserve.controller.builders import OWNER_LABEL
+from leanserve.controller.config import OperatorConfig
 from leanserve.controller.kube import request
-from leanserve.controller.reconcile import OperatorSettings, reconcile
+from leanserve.controller.reconcile import reconcile
 from leanserve.planner.plan import PlanOptions, service_curve
 from leanserve_serving.profile import Profile
 from tests.conftest import REPO, install_crd
@@ -53,8 +54,7 @@ SPEC: dict[str, Any] = {
 def doc(name: str, **changes: Any) -> dict[str, Any]:
     spec = copy.deepcopy(SPEC)
     spec.update(changes)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceDeployment", "metadata": {"name": name},
-            "spec": spec}  # fmt: skip
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceDeployment", "metadata": {"name": name}, "spec": spec}
 
 
 @pytest.fixture
@@ -120,8 +120,11 @@ def versions(objects: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
     out: dict[str, tuple[Any, ...]] = {}
     for key, obj in objects.items():
         meta = obj["metadata"]
-        ours = [(f.get("operation"), f.get("time")) for f in meta.get("managedFields") or []
-                if f.get("manager") == "leanserve"]  # fmt: skip
+        ours = [
+            (f.get("operation"), f.get("time"))
+            for f in meta.get("managedFields") or []
+            if f.get("manager") == "leanserve"
+        ]
         if key.split("/")[0] in ("ConfigMap", "Service"):
             out[key] = (meta["uid"], meta["resourceVersion"])
         else:
@@ -162,7 +165,11 @@ def test_apply_creates_every_object_on_the_planned_pool_and_reports(kube, operat
     for o in objects.values():
         (ref,) = o["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
-            "InferenceDeployment", "fraud", obj["metadata"]["uid"], True)  # fmt: skip
+            "InferenceDeployment",
+            "fraud",
+            obj["metadata"]["uid"],
+            True,
+        )
     pod_spec = objects["Deployment/fraud"]["spec"]["template"]["spec"]
     assert pod_spec["nodeSelector"] == {"node.kubernetes.io/instance-type": plan["instanceType"]}
     hpa = objects["HorizontalPodAutoscaler/fraud"]["spec"]
@@ -175,8 +182,10 @@ def test_apply_creates_every_object_on_the_planned_pool_and_reports(kube, operat
         return [p for p in pods if p.status.phase == "Running"]
 
     pods = wait_for("2 running serving pods", lambda: len(running()) >= 2 and running(), timeout=60)
-    nodes = {n.metadata.name: n.metadata.labels["node.kubernetes.io/instance-type"]
-             for n in client.CoreV1Api(kube).list_node().items}  # fmt: skip
+    nodes = {
+        n.metadata.name: n.metadata.labels["node.kubernetes.io/instance-type"]
+        for n in client.CoreV1Api(kube).list_node().items
+    }
     assert {nodes[p.spec.node_name] for p in pods} == {plan["instanceType"]}
     assert obj["status"]["replicas"] >= 1
     assert {condition(obj, t)["status"] for t in ("Planned", "Deployed", "Available", "WithinBudget")} == {"True"}
@@ -259,8 +268,10 @@ def test_a_traffic_change_replans_without_touching_unrelated_fields(kube, operat
     after_obj = wait_phase(kube, ns, "shift", "Ready", generation=2)
     after = owned(kube, ns, "shift")
     assert after_obj["status"]["plan"]["replicas"]["peak"] > before_obj["status"]["plan"]["replicas"]["peak"]
-    assert after["HorizontalPodAutoscaler/shift"]["spec"]["maxReplicas"] > \
-        before["HorizontalPodAutoscaler/shift"]["spec"]["maxReplicas"]  # fmt: skip
+    assert (
+        after["HorizontalPodAutoscaler/shift"]["spec"]["maxReplicas"]
+        > before["HorizontalPodAutoscaler/shift"]["spec"]["maxReplicas"]
+    )
     deployment = after["Deployment/shift"]
     assert deployment["metadata"]["annotations"]["team.example.com/owner"] == "fraud-team"
     assert deployment["spec"]["replicas"] == 3
@@ -273,11 +284,15 @@ def test_turning_the_cache_off_removes_the_managed_redis(kube, operator, ns):
     create(kube, ns, doc("nocache"))
     wait_phase(kube, ns, "nocache", "Ready")
     assert "Deployment/nocache-redis" in owned(kube, ns, "nocache")
-    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "nocache",
-                                                {"spec": {"cache": {"exact": {"enabled": False}}}})  # fmt: skip
+    custom(kube).patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "nocache", {"spec": {"cache": {"exact": {"enabled": False}}}}
+    )
     wait_phase(kube, ns, "nocache", "Ready", generation=2)
-    remaining = wait_for("the managed Redis gone", lambda: (lambda o: "Deployment/nocache-redis" not in o and o)(
-        owned(kube, ns, "nocache")), timeout=30)  # fmt: skip
+    remaining = wait_for(
+        "the managed Redis gone",
+        lambda: (lambda o: "Deployment/nocache-redis" not in o and o)(owned(kube, ns, "nocache")),
+        timeout=30,
+    )
     assert "Service/nocache-redis" not in remaining and "Deployment/nocache" in remaining
     config = json.loads(remaining["ConfigMap/nocache-sidecar"]["data"]["sidecar.json"])
     assert config["redis_url"] == ""
@@ -288,7 +303,7 @@ def test_reconciling_an_unchanged_spec_writes_nothing(kube, operator, ns):
     wait_phase(kube, ns, "steady", "Ready")
     time.sleep(1)  # let the availability update land
     before, body = versions(owned(kube, ns, "steady")), read(kube, ns, "steady")
-    outcome = reconcile(kube, body, OperatorSettings())
+    outcome = reconcile(kube, body, OperatorConfig())
     assert outcome.status_written is False
     assert len(outcome.applied) == 7
     assert versions(owned(kube, ns, "steady")) == before
@@ -307,14 +322,28 @@ def test_delete_garbage_collects_everything_owned(kube, operator, ns):
 # ---- RBAC, restart, malformed objects -----------------------------------------------------------------
 
 
-def access(kube: Any, verb: str, resource: str, group: str = "", namespace: str = "default",
-           subresource: str = "") -> bool:  # fmt: skip
-    review = client.AuthorizationV1Api(kube).create_subject_access_review({
-        "spec": {"user": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}",
-                 "groups": ["system:serviceaccounts", f"system:serviceaccounts:{OPERATOR_NAMESPACE}",
-                            "system:authenticated"],
-                 "resourceAttributes": {"verb": verb, "resource": resource, "group": group,
-                                        "namespace": namespace, "subresource": subresource}}})  # fmt: skip
+def access(
+    kube: Any, verb: str, resource: str, group: str = "", namespace: str = "default", subresource: str = ""
+) -> bool:
+    review = client.AuthorizationV1Api(kube).create_subject_access_review(
+        {
+            "spec": {
+                "user": f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}",
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{OPERATOR_NAMESPACE}",
+                    "system:authenticated",
+                ],
+                "resourceAttributes": {
+                    "verb": verb,
+                    "resource": resource,
+                    "group": group,
+                    "namespace": namespace,
+                    "subresource": subresource,
+                },
+            }
+        }
+    )
     return bool(review.status.allowed)
 
 
@@ -324,13 +353,21 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
         kube, "patch", "inferencedeployments", "leanserve.dev", subresource="status"
     )
     # No broader: no secrets, no pods or exec, no deleting what it does not prune, no RBAC, no nodes.
-    forbidden = [("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""),
-                 ("delete", "configmaps", ""), ("delete", "horizontalpodautoscalers", "autoscaling"),
-                 ("delete", "jobs", "batch"), ("get", "pods", ""),
-                 ("create", "pods/exec", ""), ("create", "clusterrolebindings", "rbac.authorization.k8s.io"),
-                 ("escalate", "clusterroles", "rbac.authorization.k8s.io"), ("patch", "nodes", ""),
-                 ("delete", "inferencedeployments", "leanserve.dev"), ("update", "customresourcedefinitions",
-                                                                       "apiextensions.k8s.io")]  # fmt: skip
+    forbidden = [
+        ("get", "secrets", ""),
+        ("list", "secrets", ""),
+        ("create", "pods", ""),
+        ("delete", "configmaps", ""),
+        ("delete", "horizontalpodautoscalers", "autoscaling"),
+        ("delete", "jobs", "batch"),
+        ("get", "pods", ""),
+        ("create", "pods/exec", ""),
+        ("create", "clusterrolebindings", "rbac.authorization.k8s.io"),
+        ("escalate", "clusterroles", "rbac.authorization.k8s.io"),
+        ("patch", "nodes", ""),
+        ("delete", "inferencedeployments", "leanserve.dev"),
+        ("update", "customresourcedefinitions", "apiextensions.k8s.io"),
+    ]
     for verb, resource, group in forbidden:
         sub = ""
         if "/" in resource:
@@ -374,8 +411,12 @@ def test_a_malformed_object_gets_a_condition_not_a_crash_loop(kube, operator, ns
         "x-kubernetes-preserve-unknown-fields": True,
     }
     loose["spec"]["versions"] = [version]
-    request(kube, "PUT", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/inferencedeployments.leanserve.dev",
-            body=loose)  # fmt: skip
+    request(
+        kube,
+        "PUT",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/inferencedeployments.leanserve.dev",
+        body=loose,
+    )
     try:
         body = doc("old")
         body["spec"]["traffic"] = {"averageRps": -5}

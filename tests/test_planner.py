@@ -20,6 +20,7 @@ from leanserve.api import InferenceDeployment
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
 from leanserve.planner.plan import PlanOptions, plan_deployment, service_curve, traffic_shape
 from leanserve.planner.prices import load_prices
+from leanserve.planner.unavailable import Unavailable
 from leanserve_serving.profile import STACK_LEVELS, Hardware, LatencyPoint, Profile, StackProfile, VariantProfile
 
 PRICES = load_prices()
@@ -189,7 +190,10 @@ def test_no_feasible_plan_names_the_binding_constraint_and_the_gap():
 
 def test_unavailable_unpriced_and_unprofiled_types_are_reported():
     s = spec(candidates=["m5.2xlarge", "g4dn.xlarge", "c7i.xlarge", "x9.huge"])
-    options = PlanOptions(requests=1500, unavailable={"g4dn.xlarge": "0/6 nodes are available: no nvidia.com/gpu"})
+    options = PlanOptions(
+        requests=1500,
+        unavailable={"g4dn.xlarge": Unavailable.unschedulable("0/6 nodes are available: no nvidia.com/gpu")},
+    )
     result = plan_deployment(s, PROFILES, PRICES, options)
     losers = [c for c in result.candidates if not c.feasible and c.variant == "fp32" and c.policy.max_batch == 1]
     reasons = {c.instance_type: c.reason for c in losers}

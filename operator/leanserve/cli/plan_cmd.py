@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     spec = doc.resource.spec
     result = plan_deployment(spec, profiles, load_prices(args.prices), PlanOptions(overhead_ms=args.overhead_ms))
     status = {
-        "plan": (p.to_api() if (p := plan_status(result, spec.autoscaling.max_replicas)) else None),
+        "plan": (p.to_api() if (p := plan_status(result)) else None),
         "candidates": [r.to_api() for r in candidate_rows(result)],
         "savings": [s.to_api() for s in savings_rows(result)],
         "infeasible": result.infeasible or None,

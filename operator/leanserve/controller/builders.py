@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from leanserve import __version__
 from leanserve.api.resource import API_VERSION, KIND
 from leanserve.api.spec import InferenceDeploymentSpec
-from leanserve.planner.plan import HOURS_PER_MONTH, Candidate
+from leanserve.planner.plan import Candidate
 from leanserve.planner.prices import InstanceType
 
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
@@ -168,8 +168,9 @@ def render_config(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate) 
     }
 
 
-def pod_resources(spec: InferenceDeploymentSpec, itype: InstanceType,
-                  rss_mb: float | None) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+def pod_resources(
+    spec: InferenceDeploymentSpec, itype: InstanceType, rss_mb: float | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model server, sidecar) resources: one pod fills its node, as the bench measured the model.
 
     The profile was measured with every core of the instance type, so the model
@@ -183,13 +184,17 @@ def pod_resources(spec: InferenceDeploymentSpec, itype: InstanceType,
     node_mi = int(itype.memory_gi_b * 1024 * NODE_MEMORY_SHARE)
     sidecar_mi = 1024 if spec.cache.semantic.enabled else 512
     model_mi = min(node_mi - sidecar_mi, max(1024, math.ceil((rss_mb or 0) * 2 / 256) * 256))
-    model = {"requests": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
-             "limits": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"}}  # fmt: skip
+    model = {
+        "requests": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
+        "limits": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
+    }
     if itype.is_gpu:
         model["requests"][GPU_RESOURCE] = str(itype.gpus)
         model["limits"][GPU_RESOURCE] = str(itype.gpus)
-    sidecar = {"requests": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"},
-               "limits": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"}}  # fmt: skip
+    sidecar = {
+        "requests": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"},
+        "limits": {"cpu": f"{sidecar_cpu}m", "memory": f"{sidecar_mi}Mi"},
+    }
     overrides = spec.serving.resources
     if overrides is not None:
         model["requests"].update(overrides.requests)
@@ -216,13 +221,25 @@ def _probes(port: int) -> dict[str, Any]:
     readiness (which only takes the pod out of the Service) 3 s.
     """
     return {
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": port}, "periodSeconds": 5,
-                           "timeoutSeconds": 3, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": port}, "periodSeconds": 10,
-                          "timeoutSeconds": 5, "failureThreshold": 6},
-        "startupProbe": {"httpGet": {"path": "/v2/health/live", "port": port}, "periodSeconds": 2,
-                         "timeoutSeconds": 2, "failureThreshold": 150},
-    }  # fmt: skip
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": port},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": port},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": port},
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 150,
+        },
+    }
 
 
 def _prestop_sleep() -> dict[str, Any]:
@@ -236,12 +253,16 @@ def _source_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     parts = urlsplit(uri)
     if parts.scheme == "pvc":
         name = f"pvc-{parts.netloc}"[:63]
-        return ({"name": name, "persistentVolumeClaim": {"claimName": parts.netloc, "readOnly": True}},
-                {"name": name, "mountPath": f"/mnt/pvc/{parts.netloc}", "readOnly": True})  # fmt: skip
+        return (
+            {"name": name, "persistentVolumeClaim": {"claimName": parts.netloc, "readOnly": True}},
+            {"name": name, "mountPath": f"/mnt/pvc/{parts.netloc}", "readOnly": True},
+        )
     if parts.scheme == "configmap":
         name = f"cm-{parts.netloc}"[:63]
-        return ({"name": name, "configMap": {"name": parts.netloc}},
-                {"name": name, "mountPath": f"/mnt/configmap/{parts.netloc}", "readOnly": True})  # fmt: skip
+        return (
+            {"name": name, "configMap": {"name": parts.netloc}},
+            {"name": name, "mountPath": f"/mnt/configmap/{parts.netloc}", "readOnly": True},
+        )
     return None
 
 
@@ -254,8 +275,13 @@ def _source_volumes(spec: InferenceDeploymentSpec) -> tuple[list[dict[str, Any]]
 
 def _pod_security(uid: int) -> dict[str, Any]:
     """The pod-level half of the restricted profile (CONTAINER_SECURITY is the container half)."""
-    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
-            "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def _image(spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSettings) -> str:
@@ -269,8 +295,9 @@ def _image(spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSe
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
 
-def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
-                      settings: BuildSettings, rss_mb: float | None = None) -> dict[str, Any]:  # fmt: skip
+def render_deployment(
+    owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType, settings: BuildSettings
+) -> dict[str, Any]:
     """The serving Deployment: fetch init container, model server, batching sidecar.
 
     Its pods stop without losing a request: preStop, drain and grace period as
@@ -281,9 +308,20 @@ def render_deployment(owner: Owner, spec: InferenceDeploymentSpec, plan: Candida
     """
     gpu = itype.is_gpu
     image = _image(spec, itype, settings)
-    model_res, sidecar_res = pod_resources(spec, itype, rss_mb)
-    fetch_args = ["python", "-m", "leanserve_serving.fetch", "--uri", spec.model.uri, "--out", "/models/model.onnx",
-                  "--variant", plan.variant, "--format", spec.model.format]  # fmt: skip
+    model_res, sidecar_res = pod_resources(spec, itype, plan.memory_mb)
+    fetch_args = [
+        "python",
+        "-m",
+        "leanserve_serving.fetch",
+        "--uri",
+        spec.model.uri,
+        "--out",
+        "/models/model.onnx",
+        "--variant",
+        plan.variant,
+        "--format",
+        spec.model.format,
+    ]
     if spec.model.sha256:
         fetch_args += ["--sha256", spec.model.sha256]
     if spec.model.evaluation is not None:
@@ -397,49 +435,45 @@ def render_service(owner: Owner) -> dict[str, Any]:
     }
 
 
-def replica_bounds(spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType) -> tuple[int, int]:
-    """(minReplicas, maxReplicas) of the HPA.
-
-    min is the warm pool, at least 1 (HPA minReplicas 0 needs an alpha feature)
-    and at least 1 on GPU types, where a cold start takes minutes. max is
-    maxReplicas when set, otherwise the peak sizing plus a quarter for
-    headroom; either way no more than the monthly budget pays for if it ran
-    all month, and never below min.
-    """
-    low = max(spec.autoscaling.warm_pool, 1)
-    high = spec.autoscaling.max_replicas or max(plan.replicas_peak, math.ceil(plan.replicas_peak * 1.25))
-    if spec.budget.max_monthly_cost is not None:
-        affordable = int(spec.budget.max_monthly_cost // (itype.on_demand_usd_per_hour * HOURS_PER_MONTH))
-        high = min(high, affordable)
-    return low, max(high, low)
-
-
 #: The serving pod's containers that take CPU under load.
 SERVING_CONTAINERS = ("model-server", "sidecar")
 
 
 def container_cpu_metric(container: str, utilization: int) -> dict[str, Any]:
     """An HPA metric on one container's CPU utilization (of its request)."""
-    return {"type": "ContainerResource", "containerResource": {
-        "name": "cpu", "container": container, "target": {"type": "Utilization", "averageUtilization": utilization},
-    }}  # fmt: skip
+    return {
+        "type": "ContainerResource",
+        "containerResource": {
+            "name": "cpu",
+            "container": container,
+            "target": {"type": "Utilization", "averageUtilization": utilization},
+        },
+    }
 
 
-def render_hpa(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
-               settings: BuildSettings) -> dict[str, Any]:  # fmt: skip
+def render_hpa(
+    owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType, settings: BuildSettings
+) -> dict[str, Any]:
     """autoscaling/v2: fast up, stabilised down; per-pod request rate when a custom metrics API exists.
+
+    The replica bounds are the plan's (the planner sets them once: warm pool, maxReplicas, budget).
 
     Without one, CPU utilization per container (ContainerResource, GA in Kubernetes 1.30), the
     model server's and the sidecar's: the HPA follows the busier. A pod-level CPU average hid a
     saturated sidecar behind an idle model server on a real cluster (516m of 750m requested is
     69 %, under a 70 % target, while the sidecar ran at its limit and shed requests with 429).
     """
-    low, high = replica_bounds(spec, plan, itype)
+    low, high = plan.replicas_min, plan.replicas_max
     if settings.custom_metrics:
-        metrics = [{"type": "Pods", "pods": {
-            "metric": {"name": RPS_METRIC},
-            "target": {"type": "AverageValue", "averageValue": f"{max(int(plan.capacity_rps * 1000), 1)}m"},
-        }}]  # fmt: skip
+        metrics = [
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": RPS_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": f"{max(int(plan.capacity_rps * 1000), 1)}m"},
+                },
+            }
+        ]
     else:
         metrics = [container_cpu_metric(c, settings.cpu_target_utilization) for c in SERVING_CONTAINERS]
     return {
@@ -485,16 +519,29 @@ def render_redis(owner: Owner, spec: InferenceDeploymentSpec, settings: BuildSet
     maxmemory_mb = 256 if not spec.cache.semantic.enabled else 1024
     name = redis_name(owner)
     container = {
-        "name": "redis", "image": settings.redis_image,
-        "args": ["--save", "", "--appendonly", "no", "--maxmemory", f"{maxmemory_mb}mb",
-                 "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no"],
+        "name": "redis",
+        "image": settings.redis_image,
+        "args": [
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory",
+            f"{maxmemory_mb}mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--protected-mode",
+            "no",
+        ],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
-        "resources": {"requests": {"cpu": "100m", "memory": f"{maxmemory_mb + 64}Mi"},
-                      "limits": {"cpu": "1", "memory": f"{maxmemory_mb + 128}Mi"}},
+        "resources": {
+            "requests": {"cpu": "100m", "memory": f"{maxmemory_mb + 64}Mi"},
+            "limits": {"cpu": "1", "memory": f"{maxmemory_mb + 128}Mi"},
+        },
         "securityContext": CONTAINER_SECURITY,
         "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5},
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-    }  # fmt: skip
+    }
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -518,9 +565,11 @@ def render_redis(owner: Owner, spec: InferenceDeploymentSpec, settings: BuildSet
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, name, "cache"),
-        "spec": {"selector": selector(owner, "cache"),
-                 "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]},
-    }  # fmt: skip
+        "spec": {
+            "selector": selector(owner, "cache"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}],
+        },
+    }
     return [deployment, service]
 
 
@@ -533,8 +582,9 @@ def profiling_job_name(owner: Owner, instance_type: str) -> str:
     return f"{owner.name}-bench-{instance_type.replace('.', '-')}"[:63].rstrip("-")
 
 
-def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSettings,
-                         model_key: str) -> dict[str, Any]:  # fmt: skip
+def render_profiling_job(
+    owner: Owner, spec: InferenceDeploymentSpec, itype: InstanceType, settings: BuildSettings, model_key: str
+) -> dict[str, Any]:
     """A Job that benches the spec's model on one instance type and reports the profile in its termination message.
 
     Its pod takes what a serving pod will take on that node (the bench's threads
@@ -544,9 +594,21 @@ def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: Ins
     if spec.model.evaluation is None:
         raise ValueError("profiling needs model.evaluation")
     model_res, _ = pod_resources(spec, itype, None)
-    args = ["python", "-m", "leanserve_serving.bench_job", "--uri", spec.model.uri, "--evaluation",
-            spec.model.evaluation.uri, "--metric", spec.model.evaluation.metric, "--instance-type", itype.name,
-            "--format", spec.model.format]  # fmt: skip
+    args = [
+        "python",
+        "-m",
+        "leanserve_serving.bench_job",
+        "--uri",
+        spec.model.uri,
+        "--evaluation",
+        spec.model.evaluation.uri,
+        "--metric",
+        spec.model.evaluation.metric,
+        "--instance-type",
+        itype.name,
+        "--format",
+        spec.model.format,
+    ]
     if spec.model.sha256:
         args += ["--sha256", spec.model.sha256]
     sources, source_mounts = _source_volumes(spec)
@@ -558,15 +620,21 @@ def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: Ins
         "enableServiceLinks": False,
         "securityContext": _pod_security(SERVING_UID),
         "nodeSelector": {INSTANCE_TYPE_LABEL: itype.name},
-        "containers": [{
-            "name": "bench", "image": _image(spec, itype, settings), "command": args,
-            "env": [{"name": "TMPDIR", "value": "/work"}], "resources": model_res,
-            "securityContext": CONTAINER_SECURITY,
-            "volumeMounts": [{"name": "work", "mountPath": "/work"}, *source_mounts],
-            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
-        }],
+        "containers": [
+            {
+                "name": "bench",
+                "image": _image(spec, itype, settings),
+                "command": args,
+                "env": [{"name": "TMPDIR", "value": "/work"}],
+                "resources": model_res,
+                "securityContext": CONTAINER_SECURITY,
+                "volumeMounts": [{"name": "work", "mountPath": "/work"}, *source_mounts],
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File",
+            }
+        ],
         "volumes": [{"name": "work", "emptyDir": {}}, *sources],
-    }  # fmt: skip
+    }
     if itype.is_gpu:
         pod_spec["tolerations"] = [GPU_TOLERATION]
     return {
@@ -584,14 +652,15 @@ def render_profiling_job(owner: Owner, spec: InferenceDeploymentSpec, itype: Ins
     }
 
 
-def render_all(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType,
-               settings: BuildSettings, rss_mb: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def render_all(
+    owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType, settings: BuildSettings
+) -> list[dict[str, Any]]:
     """Every object of the deployment, in apply order."""
     objects = render_redis(owner, spec, settings) if wants_managed_redis(spec) else []
     return [
         *objects,
         render_config(owner, spec, plan),
-        render_deployment(owner, spec, plan, itype, settings, rss_mb),
+        render_deployment(owner, spec, plan, itype, settings),
         render_service(owner),
         render_hpa(owner, spec, plan, itype, settings),
         render_pdb(owner),

@@ -26,15 +26,21 @@ class Cond:
     message: str = ""
 
 
-def merge(current: list[dict[str, Any]], updates: list[Cond], generation: int | None,
-          now: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def merge(
+    current: list[dict[str, Any]], updates: list[Cond], generation: int | None, now: str | None = None
+) -> list[dict[str, Any]]:
     """``current`` with ``updates`` applied; a condition whose status did not change keeps its lastTransitionTime."""
     by_type = {c["type"]: dict(c) for c in current}
     for u in updates:
         old = by_type.get(u.type)
         stamp = old["lastTransitionTime"] if old and old.get("status") == u.status else (now or now_rfc3339())
-        new = {"type": u.type, "status": u.status, "reason": u.reason, "message": u.message[:32768],
-               "lastTransitionTime": stamp}  # fmt: skip
+        new = {
+            "type": u.type,
+            "status": u.status,
+            "reason": u.reason,
+            "message": u.message[:32768],
+            "lastTransitionTime": stamp,
+        }
         if generation is not None:
             new["observedGeneration"] = generation
         by_type[u.type] = new

@@ -18,7 +18,8 @@ from kubernetes.client.rest import ApiException
 
 from leanserve.api.resource import GROUP, PLURAL, VERSION
 from leanserve.controller import kube
-from leanserve.controller.reconcile import OperatorSettings, reconcile, refresh_availability
+from leanserve.controller.config import OperatorConfig
+from leanserve.controller.reconcile import reconcile, refresh_availability
 
 log = logging.getLogger("leanserve.operator")
 
@@ -60,8 +61,12 @@ async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
         headers=info.as_http_headers(),
         auth=info.as_aiohttp_basic_auth(),
     )
-    return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
-                               expiration=info.expiration, aiohttp_session=session)  # fmt: skip
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
 
 
 class ProgressNotError(logging.Filter):
@@ -98,10 +103,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 270
     if "api" not in memo:
         memo.api = make_api_client()
-    if "settings" not in memo:
-        memo.settings = OperatorSettings.from_environment(custom_metrics=has_custom_metrics(memo.api))
-    log.info("event=started custom_metrics=%s instance_types=%d", memo.settings.build.custom_metrics,
-             len(memo.settings.prices.instance_types))  # fmt: skip
+    if "config" not in memo:
+        memo.config = OperatorConfig.from_environment(custom_metrics=has_custom_metrics(memo.api))
+    log.info(
+        "event=started custom_metrics=%s instance_types=%d",
+        memo.config.build.custom_metrics,
+        len(memo.config.prices.instance_types),
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -109,7 +117,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.update(GROUP, VERSION, PLURAL)
 def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Plan and apply; retry later without profiles; stop retrying on a spec that cannot be parsed."""
-    outcome = reconcile(memo.api, _plain(body), memo.settings)
+    outcome = reconcile(memo.api, _plain(body), memo.config)
     _release_freed_memory()
     if outcome.permanent:
         raise kopf.PermanentError(outcome.permanent)

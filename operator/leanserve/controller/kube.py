@@ -53,14 +53,24 @@ def reference(api_version: str, kind: str, name: str, namespace: str) -> dict[st
     return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": namespace}}
 
 
-def request(api: ApiClient, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
-            content_type: str = "application/json", accept: str = "application/json") -> Any:  # fmt: skip
+def request(
+    api: ApiClient,
+    method: str,
+    path: str,
+    body: Any = None,
+    query: dict[str, str] | None = None,
+    content_type: str = "application/json",
+    accept: str = "application/json",
+) -> Any:
     """One API call; the decoded JSON answer. Raises ApiException on an error status."""
     params = api.param_serialize(
-        method=method, resource_path=path, query_params=list((query or {}).items()),
-        header_params={"Content-Type": content_type, "Accept": accept}, body=body,
+        method=method,
+        resource_path=path,
+        query_params=list((query or {}).items()),
+        header_params={"Content-Type": content_type, "Accept": accept},
+        body=body,
         auth_settings=["BearerToken"],
-    )  # fmt: skip
+    )
     response = api.call_api(*params)
     data = response.read()
     if not 200 <= response.status < 300:
@@ -83,9 +93,14 @@ def apply(api: ApiClient, obj: dict[str, Any], field_manager: str = FIELD_MANAGE
 
     Applying what the server already has is a no-op there: no new resourceVersion, no event.
     """
-    return request(api, "PATCH", object_path(obj), body=obj,
-                   query={"fieldManager": field_manager, "force": "true"},
-                   content_type="application/apply-patch+yaml")  # fmt: skip
+    return request(
+        api,
+        "PATCH",
+        object_path(obj),
+        body=obj,
+        query={"fieldManager": field_manager, "force": "true"},
+        content_type="application/apply-patch+yaml",
+    )
 
 
 def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any]) -> bool:
@@ -98,8 +113,13 @@ def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any])
     body = json.loads(json.dumps(obj))
     body["spec"].update(initial)
     try:
-        request(api, "POST", collection_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]),
-                body=body, query={"fieldManager": CREATE_MANAGER})  # fmt: skip
+        request(
+            api,
+            "POST",
+            collection_path(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"]),
+            body=body,
+            query={"fieldManager": CREATE_MANAGER},
+        )
     except ApiException as exc:
         if exc.status != 409:  # created meanwhile (another reconcile): fine, apply follows
             raise
@@ -107,11 +127,16 @@ def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any])
     return True
 
 
+def controlled_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    """Whether ``owner_uid`` is the controller among ``obj``'s owner references."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner_uid and r.get("controller") for r in refs)
+
+
 def delete_owned(api: ApiClient, obj: dict[str, Any], owner_uid: str) -> bool:
     """Delete ``obj`` if it exists and ``owner_uid`` controls it (never someone else's object); True if deleted."""
     current = get(api, obj)
-    refs = (current or {}).get("metadata", {}).get("ownerReferences") or []
-    if not any(r.get("uid") == owner_uid and r.get("controller") for r in refs):
+    if current is None or not controlled_by(current, owner_uid):
         return False
     uid = current["metadata"]["uid"]  # type: ignore[index]
     try:  # the precondition makes sure it is the object just read, not a new one of the same name
@@ -141,15 +166,26 @@ def post_event(api: ApiClient, involved: dict[str, Any], reason: str, message: s
     meta = involved["metadata"]
     now = now_rfc3339()
     event = {
-        "apiVersion": "v1", "kind": "Event",
+        "apiVersion": "v1",
+        "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": involved["apiVersion"], "kind": involved["kind"], "name": meta["name"],
-                           "namespace": meta["namespace"], "uid": meta["uid"],
-                           "resourceVersion": meta.get("resourceVersion", "")},
-        "reason": reason, "message": message[:1024], "type": type_,
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        "source": {"component": "leanserve-operator"}, "reportingComponent": "leanserve-operator",
-    }  # fmt: skip
+        "involvedObject": {
+            "apiVersion": involved["apiVersion"],
+            "kind": involved["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "resourceVersion": meta.get("resourceVersion", ""),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": "leanserve-operator"},
+        "reportingComponent": "leanserve-operator",
+    }
     try:
         request(api, "POST", collection_path("v1", "Event", meta["namespace"]), body=event)
     except (ApiException, OSError) as exc:  # an event lost is not worth a failed reconcile

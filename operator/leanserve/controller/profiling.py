@@ -1,44 +1,45 @@
-"""Profiling Jobs: measure each candidate instance type whose profile is not cached, and collect the results.
+"""Profiling: which candidate instance types are cached, being measured, measured now, failed or unschedulable.
 
-Level-based like the rest: from the Jobs and pods as they are, decide per
+Pure: from the Jobs and pods as observed (controller/observe.py), decide per
 candidate whether it is cached, being measured, measured now (the compact
-profile read from the pod's termination message goes into the cache), failed
-(the bench's own reason after the Job's retries, or DeadlineExceeded when the
-Job ran past spec.profiling.deadlineSeconds and Kubernetes stopped it) or
+profile read from the pod's termination message, for the cache), failed (the
+bench's own reason after the Job's retries, or DeadlineExceeded when the Job
+ran past spec.profiling.deadlineSeconds and Kubernetes stopped it) or
 unschedulable (its pod found no node for longer than the spec allows). A type
 that failed or is unschedulable is left out of the plan, with that reason. Job
 names are deterministic, so a restarted operator finds its Jobs instead of
-creating more.
+creating more. The writes (Jobs to create, profiles to cache) are returned for
+the act step.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from kubernetes.client import ApiClient
 from pydantic import ValidationError
 
-from leanserve.api.spec import InferenceDeploymentSpec
-from leanserve.controller import builders, kube, profile_store
-from leanserve.controller.builders import BuildSettings, Owner
-from leanserve.planner.prices import PriceTable
+from leanserve.controller import builders
+from leanserve.controller.config import OperatorConfig
+from leanserve.controller.observe import Observed
+from leanserve.planner.unavailable import Unavailable
 from leanserve_serving.bench_job import FAILED_PREFIX
 from leanserve_serving.profile import Profile
-
-log = logging.getLogger("leanserve.operator")
 
 
 @dataclass
 class ProfilingState:
+    """What profiling stands at, and what to write about it."""
+
     rows: list[dict[str, Any]] = field(default_factory=list)
     """status.profiling: one row per candidate type."""
     measured: list[Profile] = field(default_factory=list)
-    """Profiles collected by this pass (already saved to the cache)."""
-    unavailable: dict[str, str] = field(default_factory=dict)
-    """Types the plan must leave out, with why (unschedulable, bench failed)."""
+    """Profiles read from finished Jobs in this pass (to be cached)."""
+    unavailable: dict[str, Unavailable] = field(default_factory=dict)
+    """Types the plan must leave out, with why (unschedulable, bench failed, not profilable)."""
+    create_jobs: list[dict[str, Any]] = field(default_factory=list)
+    """Profiling Jobs to create."""
 
     @property
     def pending(self) -> list[str]:
@@ -94,45 +95,55 @@ def _job_failed(job: dict[str, Any]) -> JobFailure | None:
     return None
 
 
-def ensure_profiles(api: ApiClient, owner: Owner, spec: InferenceDeploymentSpec, prices: PriceTable,
-                    build: BuildSettings, key: str, cached: list[Profile], image_version: str,
-                    now: datetime | None = None) -> ProfilingState:  # fmt: skip
-    """Create the missing profiling Jobs and read the finished ones; the state per candidate."""
-    now = now or datetime.now(UTC)
+@dataclass(frozen=True)
+class JobReading:
+    """One profiling Job read: its row's state and reason, and what it yields."""
+
+    state: str
+    reason: str
+    profile: Profile | None = None
+    unavailable: Unavailable | None = None
+
+
+def assess(observed: Observed, config: OperatorConfig) -> ProfilingState:
+    """The state per candidate: the Jobs to create, the profiles finished Jobs measured, the types left out."""
+    spec, owner = observed.spec, observed.owner
+    assert spec is not None  # decide handles an invalid spec first
     state = ProfilingState()
-    have = {p.instance_type for p in cached}
-    selector = f"{builders.OWNER_LABEL}={owner.name},app.kubernetes.io/component=profiling"
-    jobs = {j["metadata"]["name"]: j for j in kube.list_objects(api, "batch/v1", "Job", owner.namespace, selector)}
-    for name in spec.candidates or [t.name for t in prices.instance_types]:
-        itype = prices.get(name)
+    have = {p.instance_type for p in observed.profiles}
+    for name in spec.candidates or [t.name for t in config.prices.instance_types]:
+        itype = config.prices.get(name)
         if itype is None:
             continue  # the planner reports it: not in the price table
         job_name = builders.profiling_job_name(owner, name)
+        job = observed.jobs.get(job_name)
         if name in have:
-            done = job_name in jobs and (jobs[job_name].get("status") or {}).get("succeeded")
+            done = job is not None and (job.get("status") or {}).get("succeeded")
             state.rows.append({"instanceType": name, "state": "Done" if done else "Cached", "reason": ""})
             continue
         if spec.model.evaluation is None:
             reason = "profiling needs model.evaluation (labelled data to bench and gate on)"
             state.rows.append({"instanceType": name, "state": "Failed", "reason": reason})
-            state.unavailable[name] = reason
+            state.unavailable[name] = Unavailable.not_profilable(reason)
             continue
         row = {"instanceType": name, "job": job_name}
-        job = jobs.get(job_name)
         if job is None:
-            kube.apply(api, builders.render_profiling_job(owner, spec, itype, build, key))
-            log.info("event=profiling_job_created name=%s/%s job=%s", owner.namespace, owner.name, job_name)
+            state.create_jobs.append(builders.render_profiling_job(owner, spec, itype, config.build, observed.key))
             state.rows.append(row | {"state": "Pending", "reason": "Job created"})
             continue
-        pods = kube.list_objects(api, "v1", "Pod", owner.namespace, f"job-name={job_name}")
-        row.update(_read_job(api, owner, spec, name, job, pods, key, image_version, now, state))
-        state.rows.append(row)
+        reading = read_job(observed, name, job, observed.pods.get(job_name, []))
+        state.rows.append(row | {"state": reading.state, "reason": reading.reason})
+        if reading.profile is not None:
+            state.measured.append(reading.profile)
+        if reading.unavailable is not None:
+            state.unavailable[name] = reading.unavailable
     return state
 
 
-def _read_job(api: ApiClient, owner: Owner, spec: InferenceDeploymentSpec, name: str, job: dict[str, Any],
-              pods: list[dict[str, Any]], key: str, image_version: str, now: datetime,
-              state: ProfilingState) -> dict[str, Any]:  # fmt: skip
+def read_job(observed: Observed, instance_type: str, job: dict[str, Any], pods: list[dict[str, Any]]) -> JobReading:
+    """What one profiling Job says: measured (the profile), failed, unschedulable, or still under way."""
+    spec = observed.spec
+    assert spec is not None
     for pod in pods:
         term = _terminated(pod)
         if term and term.get("exitCode") == 0:
@@ -140,12 +151,9 @@ def _read_job(api: ApiClient, owner: Owner, spec: InferenceDeploymentSpec, name:
                 profile = Profile.from_compact(term.get("message") or "")
             except (ValidationError, ValueError) as exc:
                 reason = f"the bench reported an unreadable profile: {str(exc).splitlines()[0]}"
-                state.unavailable[name] = f"profiling failed: {reason}"
-                return {"state": "Failed", "reason": reason}
-            profile = profile.model_copy(update={"instance_type": name})
-            profile_store.save(api, owner.namespace, key, profile, image_version)
-            state.measured.append(profile)
-            return {"state": "Done", "reason": f"measured on {profile.hardware.cpu_model}"}
+                return JobReading("Failed", reason, unavailable=Unavailable.profiling_failed(reason))
+            profile = profile.model_copy(update={"instance_type": instance_type})
+            return JobReading("Done", f"measured on {profile.hardware.cpu_model}", profile=profile)
     failed = _job_failed(job)
     if failed is not None:
         messages = [(_terminated(p) or {}).get("message", "") for p in pods]
@@ -153,27 +161,27 @@ def _read_job(api: ApiClient, owner: Owner, spec: InferenceDeploymentSpec, name:
         if failed.reason == DEADLINE_EXCEEDED:
             # The Job's own deadline: it may predate a spec change (Jobs are not re-applied).
             deadline = (job.get("spec") or {}).get("activeDeadlineSeconds", spec.profiling.deadline_seconds)
-            reason = (f"{DEADLINE_EXCEEDED}: the bench did not finish within {deadline} s "
-                      "(spec.profiling.deadlineSeconds, counted from the Job's start)")  # fmt: skip
+            reason = (
+                f"{DEADLINE_EXCEEDED}: the bench did not finish within {deadline} s "
+                "(spec.profiling.deadlineSeconds, counted from the Job's start)"
+            )
             nowhere = next((m for m in map(_unschedulable, pods) if m), None)
             if nowhere:
                 reason += f"; its pod found no node: {nowhere}"
             elif said:
                 reason += f"; an earlier attempt failed: {said}"
-            state.unavailable[name] = f"profiling failed: {reason}"  # the planner's prefix for a failed bench
-            return {"state": "Failed", "reason": reason}
+            return JobReading("Failed", reason, unavailable=Unavailable.profiling_failed(reason))
         reason = said or failed.message
-        retries = spec.profiling.retries
-        state.unavailable[name] = f"profiling failed after {retries + 1} attempt(s): {reason}"
-        return {"state": "Failed", "reason": reason}
+        attempts = spec.profiling.retries + 1
+        return JobReading("Failed", reason, unavailable=Unavailable.profiling_failed(reason, attempts))
     waiting = [p for p in pods if _unschedulable(p)]
     if waiting:
-        since = _parse_time(job["metadata"].get("creationTimestamp")) or now
+        since = _parse_time(job["metadata"].get("creationTimestamp")) or observed.now
         message = _unschedulable(waiting[0]) or ""
         timeout = spec.profiling.unschedulable_timeout_seconds
-        if (now - since).total_seconds() >= timeout:
-            state.unavailable[name] = f"unschedulable for {timeout} s: {message}"
-            return {"state": "Unschedulable", "reason": f"unschedulable for {timeout} s: {message}"}
-        return {"state": "Pending", "reason": f"unschedulable so far: {message}"}
+        if (observed.now - since).total_seconds() >= timeout:
+            gone = Unavailable.unschedulable(message, timeout)
+            return JobReading("Unschedulable", gone.reason, unavailable=gone)
+        return JobReading("Pending", f"unschedulable so far: {message}")
     running = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
-    return {"state": "Running" if running else "Pending", "reason": "benching" if running else "waiting for a node"}
+    return JobReading("Running" if running else "Pending", "benching" if running else "waiting for a node")

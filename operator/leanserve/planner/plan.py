@@ -1,7 +1,8 @@
 """plan_deployment: every candidate (instance type x precision x batching policy) sized, priced,
 checked against the SLA, the accuracy gate, the budget and memory, ranked; plus the savings waterfall.
 
-Pure: profiles, prices and the spec in, a PlanResult out.
+Pure: profiles, prices and the spec in, a PlanResult out. What a configuration can do is simulated
+once per EvaluationMemo, which the caller holds when it plans again (the operator keeps one).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
 from leanserve.planner.prices import InstanceType, PriceTable
+from leanserve.planner.unavailable import Unavailable
 from leanserve_serving.profile import Profile, VariantProfile
 
 HOURS_PER_MONTH = 730.0
@@ -43,9 +45,8 @@ class PlanOptions:
     connections reaches 9-10 k, see benchmarks/serving.py). Raise it for dedicated cores."""
     observed_hit_rate: float | None = None
     """Replaces the spec's expected cache hit rate once one is observed."""
-    unavailable: dict[str, str] = field(default_factory=dict)
-    """Instance types to leave out, with why: the scheduler's reason (read as unschedulable) or a reason
-    starting "profiling failed"."""
+    unavailable: dict[str, Unavailable] = field(default_factory=dict)
+    """Instance types to leave out, with why (what profiling found)."""
     requests: int = 3000
 
 
@@ -64,6 +65,12 @@ class Candidate:
     monthly_cost: float = float("inf")
     cost_per_million: float = float("inf")
     reason: str = ""
+    replicas_min: int = 0
+    """The autoscaler's floor: the warm pool, at least one."""
+    replicas_max: int = 0
+    """The autoscaler's ceiling: maxReplicas, else the peak sizing plus a quarter; within the monthly budget."""
+    memory_mb: float | None = None
+    """The variant's resident memory as the bench measured it (what the model server's memory is sized by)."""
 
     @property
     def precision(self) -> str:
@@ -173,10 +180,18 @@ def _price(c: Candidate, replicas: list[int], average_rps: float) -> tuple[float
 
 
 def plan_deployment(
-    spec: InferenceDeploymentSpec, profiles: list[Profile], prices: PriceTable, options: PlanOptions | None = None
+    spec: InferenceDeploymentSpec,
+    profiles: list[Profile],
+    prices: PriceTable,
+    options: PlanOptions | None = None,
+    memo: EvaluationMemo | None = None,
 ) -> PlanResult:
-    """The cheapest candidate that meets every constraint, the ranked table, and the savings waterfall."""
+    """The cheapest candidate that meets every constraint, the ranked table, and the savings waterfall.
+
+    ``memo`` carries simulations over from earlier plans (a fresh one when not given).
+    """
     options = options or PlanOptions()
+    memo = EvaluationMemo() if memo is None else memo
     by_type = {p.instance_type: p for p in profiles}
     names = spec.candidates or [t.name for t in prices.instance_types]
     rejected: list[Candidate] = []
@@ -185,15 +200,19 @@ def plan_deployment(
     for name in names:
         itype: InstanceType | None = prices.get(name)
         profile = by_type.get(name)
-        stub = Candidate(name, "fp32", Policy(1, 0.0), itype.on_demand_usd_per_hour if itype else 0.0,
-                         bool(itype and itype.is_gpu), 0.0)  # fmt: skip
+        stub = Candidate(
+            instance_type=name,
+            variant="fp32",
+            policy=Policy(1, 0.0),
+            price_per_hour=itype.on_demand_usd_per_hour if itype else 0.0,
+            is_gpu=bool(itype and itype.is_gpu),
+            quality_drop=0.0,
+        )
         if itype is None:
             rejected.append(replace(stub, reason="not in the price table"))
             continue
         if name in options.unavailable:
-            why = options.unavailable[name]
-            why = why if why.startswith(("unschedulable", "profiling failed")) else f"unschedulable: {why}"
-            rejected.append(replace(stub, reason=why))
+            rejected.append(replace(stub, reason=options.unavailable[name].reason))
             continue
         if profile is None:
             rejected.append(replace(stub, reason="no profile measured on this type"))
@@ -203,10 +222,10 @@ def plan_deployment(
                 continue
             if wanted != "auto" and PRECISION_OF[v.name] != wanted:
                 continue
-            base = replace(stub, variant=v.name, quality_drop=v.quality_drop or 0.0)
+            base = replace(stub, variant=v.name, quality_drop=v.quality_drop or 0.0, memory_mb=v.rss_mb)
             if v.name != "fp32" and (v.quality_drop or 0.0) > spec.sla.max_accuracy_drop:
-                rejected.append(replace(base, reason=f"accuracy gate: drop {v.quality_drop:.4f} > "
-                                                     f"{spec.sla.max_accuracy_drop:g}"))  # fmt: skip
+                gate = f"accuracy gate: drop {v.quality_drop:.4f} > {spec.sla.max_accuracy_drop:g}"
+                rejected.append(replace(base, reason=gate))
                 continue
             if v.rss_mb and v.rss_mb > itype.memory_gi_b * 1024 * 0.9:
                 rejected.append(replace(base, reason=f"memory: {v.rss_mb:.0f} MiB > 90% of {itype.memory_gi_b:g} GiB"))
@@ -221,7 +240,7 @@ def plan_deployment(
     served = [r * (1 - hit) for r in rates]
     percentile, target = spec.sla.latency.percentile, spec.sla.latency.target_ms
     evaluated: list[Candidate] = []
-    for (cand, _), (cap, lat, mb) in zip(pending, _evaluate(pending, percentile, target, options), strict=True):
+    for (cand, _), (cap, lat, mb) in zip(pending, memo.evaluate(pending, percentile, target, options), strict=True):
         cand.capacity_rps, cand.latency_ms, cand.mean_batch = cap, lat, mb
         evaluated.append(cand)
     warm = spec.autoscaling.warm_pool
@@ -231,6 +250,7 @@ def plan_deployment(
             continue
         cand.replicas_hourly = _size(served, cand.capacity_rps, max(warm, 1), False)
         cand.monthly_cost, cand.cost_per_million = _price(cand, cand.replicas_hourly, spec.traffic.average_rps)
+        cand.replicas_min, cand.replicas_max = replica_bounds(spec, cand)
         cand.reason = _budget_reason(spec, cand)
     ranked = sorted(evaluated, key=lambda c: (not c.feasible, c.cost_per_million, c.latency_ms)) + rejected
     winner = ranked[0] if ranked and ranked[0].feasible else None
@@ -242,36 +262,82 @@ def plan_deployment(
     return result
 
 
-#: (curve, policy, SLA, options) -> (capacity, latency at that capacity, mean batch): what a configuration can
-#: do does not depend on the traffic, so an operator re-planning after a traffic change, or planning many
-#: deployments of the same model, simulates each configuration once.
-_EVALUATIONS: OrderedDict[tuple, tuple[float, float, float]] = OrderedDict()
-_EVALUATIONS_MAX = 50_000
+def replica_bounds(spec: InferenceDeploymentSpec, cand: Candidate) -> tuple[int, int]:
+    """(min, max) replicas of the autoscaler for a sized candidate.
+
+    min is the warm pool, at least 1 (an HPA's minReplicas 0 needs an alpha
+    feature; on GPU types a cold start takes minutes). max is maxReplicas when
+    set, otherwise the peak sizing plus a quarter for headroom; either way no
+    more than the monthly budget pays for if it ran all month, and never below min.
+    """
+    low = max(spec.autoscaling.warm_pool, 1)
+    high = spec.autoscaling.max_replicas or max(cand.replicas_peak, math.ceil(cand.replicas_peak * 1.25))
+    if spec.budget.max_monthly_cost is not None and cand.price_per_hour > 0:
+        affordable = int(spec.budget.max_monthly_cost // (cand.price_per_hour * HOURS_PER_MONTH))
+        high = min(high, affordable)
+    return low, max(high, low)
 
 
-def _evaluate(pending: list[tuple[Candidate, ServiceCurve]], percentile: float, target: float,
-              options: PlanOptions) -> list[tuple[float, float, float]]:  # fmt: skip
-    """Capacity per replica, the latency predicted there and the mean batch, for each pending configuration."""
-    settings = (percentile, target, options.overhead_ms, options.max_utilization, options.requests,
-                options.front_door_rps)  # fmt: skip
-    keys = [(curve, cand.policy, *settings) for cand, curve in pending]
-    missing = list(dict.fromkeys(k for k in keys if k not in _EVALUATIONS))
-    if missing:
-        curves = [k[0] for k in missing]
-        policies = [k[1] for k in missing]
-        capacity = max_rate(curves, policies, percentile, target, options.overhead_ms,
-                            max_utilization=options.max_utilization, requests=options.requests)  # fmt: skip
-        # The front door's ceiling is inside curves measured through the stack; the others get the constant.
-        ceiling = np.array([np.inf if c.measured_stack else options.front_door_rps for c in curves])
-        capacity = np.minimum(capacity, ceiling)
-        # The latency predicted at the rate each replica is planned to carry (a trickle where none is possible).
-        probe = np.where(capacity > 0, capacity, 1e-3)
-        latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)
-        for key, cap, lat, mb in zip(missing, capacity, latency, batch, strict=True):
-            _EVALUATIONS[key] = (float(cap), float(lat), float(mb))
-        while len(_EVALUATIONS) > _EVALUATIONS_MAX:
-            _EVALUATIONS.popitem(last=False)
-    return [_EVALUATIONS[k] for k in keys]
+class EvaluationMemo:
+    """(curve, policy, SLA, options) -> (capacity, latency at that capacity, mean batch), simulated once.
+
+    What a configuration can do does not depend on the traffic, so an operator
+    re-planning after a traffic change, or planning many deployments of the same
+    model, simulates each configuration once. An object the caller holds (not a
+    module global) so that the planner stays pure and a test starts from nothing.
+    Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[float, float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def evaluate(
+        self, pending: list[tuple[Candidate, ServiceCurve]], percentile: float, target: float, options: PlanOptions
+    ) -> list[tuple[float, float, float]]:
+        """Capacity per replica, the latency predicted there and the mean batch, for each pending configuration."""
+        settings = (
+            percentile,
+            target,
+            options.overhead_ms,
+            options.max_utilization,
+            options.requests,
+            options.front_door_rps,
+        )
+        keys = [(curve, cand.policy, *settings) for cand, curve in pending]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._entries))
+        if missing:
+            for key, figures in zip(missing, _simulate(missing, percentile, target, options), strict=True):
+                self._entries[key] = figures
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return [self._entries[k] for k in keys]
+
+
+def _simulate(
+    keys: list[tuple], percentile: float, target: float, options: PlanOptions
+) -> list[tuple[float, float, float]]:
+    curves = [k[0] for k in keys]
+    policies = [k[1] for k in keys]
+    capacity = max_rate(
+        curves,
+        policies,
+        percentile,
+        target,
+        options.overhead_ms,
+        max_utilization=options.max_utilization,
+        requests=options.requests,
+    )
+    # The front door's ceiling is inside curves measured through the stack; the others get the constant.
+    ceiling = np.array([np.inf if c.measured_stack else options.front_door_rps for c in curves])
+    capacity = np.minimum(capacity, ceiling)
+    # The latency predicted at the rate each replica is planned to carry (a trickle where none is possible).
+    probe = np.where(capacity > 0, capacity, 1e-3)
+    latency, batch = simulate(curves, policies, probe, percentile, options.overhead_ms, options.requests)
+    return [(float(c), float(lt), float(b)) for c, lt, b in zip(capacity, latency, batch, strict=True)]
 
 
 def _budget_reason(spec: InferenceDeploymentSpec, c: Candidate) -> str:
@@ -295,25 +361,37 @@ def _why_infeasible(spec: InferenceDeploymentSpec, ranked: list[Candidate]) -> s
         b = spec.budget
         if b.max_cost_per_million_requests is not None and best.cost_per_million > b.max_cost_per_million_requests:
             over = best.cost_per_million / b.max_cost_per_million_requests - 1
-            return (f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
-                    f"costs ${best.cost_per_million:.2f}/1M, {over:.0%} over maxCostPerMillionRequests")  # fmt: skip
+            return (
+                f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
+                f"costs ${best.cost_per_million:.2f}/1M, {over:.0%} over maxCostPerMillionRequests"
+            )
         if b.max_monthly_cost is not None and best.monthly_cost > b.max_monthly_cost:
             over = best.monthly_cost / b.max_monthly_cost - 1
-            return (f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
-                    f"costs ${best.monthly_cost:.0f}/month, {over:.0%} over maxMonthlyCost")  # fmt: skip
+            return (
+                f"no feasible plan: budget binds: the cheapest candidate meeting the SLA ({best.label()}) "
+                f"costs ${best.monthly_cost:.0f}/month, {over:.0%} over maxMonthlyCost"
+            )
         return f"no feasible plan: {best.reason} ({best.label()})"
     sla = [c for c in ranked if c.reason.startswith("SLA")]
     if sla:
         best = min(sla, key=lambda c: c.latency_ms)
         target = spec.sla.latency.target_ms
-        return (f"no feasible plan: the latency SLA binds: the fastest candidate ({best.label()}) predicts "
-                f"{best.latency_ms:.1f} ms, {best.latency_ms / target - 1:.0%} over {target:g} ms")  # fmt: skip
+        return (
+            f"no feasible plan: the latency SLA binds: the fastest candidate ({best.label()}) predicts "
+            f"{best.latency_ms:.1f} ms, {best.latency_ms / target - 1:.0%} over {target:g} ms"
+        )
     reasons = sorted({c.reason.split(":")[0] for c in ranked})
     return "no feasible plan: every candidate was rejected (" + ", ".join(reasons) + ")"
 
 
-def savings_waterfall(spec: InferenceDeploymentSpec, evaluated: list[Candidate], winner: Candidate,
-                      rates: list[float], hit: float, warm: int) -> list[SavingsStep]:  # fmt: skip
+def savings_waterfall(
+    spec: InferenceDeploymentSpec,
+    evaluated: list[Candidate],
+    winner: Candidate,
+    rates: list[float],
+    hit: float,
+    warm: int,
+) -> list[SavingsStep]:
     """Cost per 1M from the naive baseline through each lever in turn to the plan.
 
     Baseline: the default CPU type (the first CPU type considered), fp32, no batching,
@@ -335,8 +413,11 @@ def savings_waterfall(spec: InferenceDeploymentSpec, evaluated: list[Candidate],
     baseline = next((c for c in unbatched if c.variant == "fp32"), None) or min(
         unbatched or on_base, key=lambda c: cost(c, False, False)
     )
-    steps = [SavingsStep("baseline", cost(baseline, False, False),
-                         f"{base_type}, fp32, no batching, no cache, always on for peak")]  # fmt: skip
+    steps = [
+        SavingsStep(
+            "baseline", cost(baseline, False, False), f"{base_type}, fp32, no batching, no cache, always on for peak"
+        )
+    ]
     quant = min(unbatched or [baseline], key=lambda c: cost(c, False, False))
     steps.append(SavingsStep("quantization", cost(quant, False, False), f"{quant.variant} on {base_type}"))
     batched = min([c for c in on_base if c.variant == quant.variant] or [quant], key=lambda c: cost(c, False, False))

@@ -11,19 +11,28 @@ def _round(x: float, digits: int = 4) -> float | None:
     return None if x != x or x in (float("inf"), float("-inf")) else round(x, digits)
 
 
-def plan_status(result: PlanResult, max_replicas: int | None = None) -> PlanStatus | None:
+def plan_status(result: PlanResult) -> PlanStatus | None:
+    """The winner as status.plan; its replica bounds are the autoscaler's (the planner sets them once)."""
     w = result.winner
     if w is None:
         return None
     batching = w.policy.max_batch > 1
     return PlanStatus(
-        instance_type=w.instance_type, precision=w.variant,
-        max_batch_size=w.policy.max_batch if batching else None, max_wait_ms=w.policy.max_wait_ms if batching else None,
-        replicas=ReplicaPlan(min=min(w.replicas_hourly), max=max_replicas or w.replicas_peak,
-                             average=_round(w.replicas_average, 2), peak=w.replicas_peak),
-        capacity_rps_per_replica=_round(w.capacity_rps, 1), predicted_latency_ms=_round(w.latency_ms, 2),
-        cost_per_million_requests=_round(w.cost_per_million), monthly_cost=_round(w.monthly_cost, 2),
-    )  # fmt: skip
+        instance_type=w.instance_type,
+        precision=w.variant,
+        max_batch_size=w.policy.max_batch if batching else None,
+        max_wait_ms=w.policy.max_wait_ms if batching else None,
+        replicas=ReplicaPlan(
+            min=w.replicas_min,
+            max=w.replicas_max,
+            average=_round(w.replicas_average, 2),
+            peak=w.replicas_peak,
+        ),
+        capacity_rps_per_replica=_round(w.capacity_rps, 1),
+        predicted_latency_ms=_round(w.latency_ms, 2),
+        cost_per_million_requests=_round(w.cost_per_million),
+        monthly_cost=_round(w.monthly_cost, 2),
+    )
 
 
 def candidate_rows(result: PlanResult, limit: int = 50) -> list[CandidateRow]:
@@ -33,16 +42,21 @@ def candidate_rows(result: PlanResult, limit: int = 50) -> list[CandidateRow]:
     def row(rank: int, c: Candidate) -> CandidateRow:
         batching = c.policy.max_batch > 1
         return CandidateRow(
-            rank=rank, instance_type=c.instance_type, precision=c.variant,
+            rank=rank,
+            instance_type=c.instance_type,
+            precision=c.variant,
             max_batch_size=c.policy.max_batch if batching else None,
             max_wait_ms=c.policy.max_wait_ms if batching else None,
-            feasible=c.feasible, predicted_latency_ms=_round(c.latency_ms, 2),
+            feasible=c.feasible,
+            predicted_latency_ms=_round(c.latency_ms, 2),
             capacity_rps_per_replica=_round(c.capacity_rps, 1),
             replicas_average=_round(c.replicas_average, 2) if c.replicas_hourly else None,
             replicas_peak=c.replicas_peak if c.replicas_hourly else None,
-            cost_per_million_requests=_round(c.cost_per_million), monthly_cost=_round(c.monthly_cost, 2),
-            accuracy_drop=_round(c.quality_drop), reason=c.reason,
-        )  # fmt: skip
+            cost_per_million_requests=_round(c.cost_per_million),
+            monthly_cost=_round(c.monthly_cost, 2),
+            accuracy_drop=_round(c.quality_drop),
+            reason=c.reason,
+        )
 
     ranked = list(enumerate(result.candidates, start=1))
     shown = ranked[:limit]
@@ -55,5 +69,7 @@ def candidate_rows(result: PlanResult, limit: int = 50) -> list[CandidateRow]:
 
 
 def savings_rows(result: PlanResult) -> list[SavingsRow]:
-    return [SavingsRow(lever=s.lever, cost_per_million_requests=round(s.cost_per_million, 4), description=s.description)
-            for s in result.waterfall]  # fmt: skip
+    return [
+        SavingsRow(lever=s.lever, cost_per_million_requests=round(s.cost_per_million, 4), description=s.description)
+        for s in result.waterfall
+    ]
