@@ -33,8 +33,11 @@ def main() -> None:
         raise SystemExit(f"no CUDA provider in this onnxruntime ({ort.__version__}): {providers}")
     with tempfile.TemporaryDirectory() as tmp:
         ref = make_tabular(Path(tmp))
-        profile = run_bench(BenchOptions(ref.model, ref.evaluation, instance_type="pending", gpu=True,
-                                         seconds_per_point=0.5, max_batch=65536))  # fmt: skip
+        profile = run_bench(
+            BenchOptions(
+                ref.model, ref.evaluation, instance_type="pending", gpu=True, seconds_per_point=0.5, max_batch=65536
+            )
+        )
     gpu = profile.hardware.gpu or "unknown-gpu"
     instance = "nvidia-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-")
     profile = profile.model_copy(update={"instance_type": instance})

@@ -127,15 +127,17 @@ def helm() -> Path:
 
 
 @pytest.fixture(scope="module")
-def operator(kube: Any, control_plane: controlplane.ControlPlane, helm: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:  # fmt: skip
+def operator(
+    kube: Any, control_plane: controlplane.ControlPlane, helm: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     """The real operator (``leanserve operator``) in a subprocess, authenticated as the chart's ServiceAccount."""
     from tests.operator_harness import OperatorProcess, install_rbac, service_account_kubeconfig
 
     install_rbac(kube, helm)
     work = tmp_path_factory.mktemp("operator")
-    proc = OperatorProcess(service_account_kubeconfig(kube, control_plane.kubeconfig, work / "kubeconfig"),
-                           work / "operator.log")  # fmt: skip
+    proc = OperatorProcess(
+        service_account_kubeconfig(kube, control_plane.kubeconfig, work / "kubeconfig"), work / "operator.log"
+    )
     proc.start()
     yield proc
     proc.stop()

@@ -40,11 +40,12 @@ def make_mlp(path: Path, sizes: tuple[int, ...] = (64, 512, 512, 2), seed: int =
             nodes.append(helper.make_node("Relu", [f"z{i}"], [out]))
         prev = out
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", sizes[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", sizes[-1]])],
         inits,
-    )  # fmt: skip
+    )
     return _save(graph, path)
 
 
@@ -52,13 +53,15 @@ def make_seq(path: Path, seed: int = 1) -> Path:
     rng = np.random.default_rng(seed)
     w = numpy_helper.from_array(rng.normal(0, 0.5, (8, 2)).astype(np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[1], keepdims=0),
-         helper.make_node("MatMul", ["pooled", "w"], ["scores"])],
+        [
+            helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "w"], ["scores"]),
+        ],
         "seq",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "seq", 8])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 2])],
         [w],
-    )  # fmt: skip
+    )
     return _save(graph, path)
 
 

@@ -31,8 +31,12 @@ SERVICE_ACCOUNT = "leanserve"  # the chart's default: the release's full name ("
 
 def render_chart(helm: Path, *extra: str) -> list[dict[str, Any]]:
     """``helm template`` of charts/leanserve, parsed."""
-    proc = subprocess.run([str(helm), "template", RELEASE, str(REPO / "charts" / "leanserve"), "--namespace",
-                           OPERATOR_NAMESPACE, *extra], capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [str(helm), "template", RELEASE, str(REPO / "charts" / "leanserve"), "--namespace", OPERATOR_NAMESPACE, *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
@@ -47,8 +51,14 @@ def apply_plain(api: Any, doc: dict[str, Any]) -> None:
         "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{doc['metadata'].get('namespace')}/rolebindings",
     }
     path = f"{kind_paths[doc['kind']]}/{doc['metadata']['name']}"
-    request(api, "PATCH", path, body=doc, query={"fieldManager": "helm-test", "force": "true"},
-            content_type="application/apply-patch+yaml")  # fmt: skip
+    request(
+        api,
+        "PATCH",
+        path,
+        body=doc,
+        query={"fieldManager": "helm-test", "force": "true"},
+        content_type="application/apply-patch+yaml",
+    )
 
 
 def install_rbac(api: Any, helm: Path) -> list[dict[str, Any]]:
@@ -97,8 +107,13 @@ class OperatorProcess:
         self.starts += 1
         with self.log.open("ab") as log:
             log.write(f"\n===== start {self.starts} =====\n".encode())
-            self.proc = subprocess.Popen([sys.executable, "-m", "leanserve", "operator", "--liveness", "off"],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "leanserve", "operator", "--liveness", "off"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
         self.wait_for_log("event=started", timeout=60, since_start=True)
 
     def stop(self) -> None:

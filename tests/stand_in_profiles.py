@@ -29,13 +29,22 @@ def measured_here() -> Profile:
 
     work = Path(tempfile.mkdtemp(prefix="leanserve-stand-in-"))
     model = make_tabular(work)
-    return run_bench(BenchOptions(model.model, model.evaluation, instance_type="local",
-                                  variants=("fp32", "int8-dynamic"), seconds_per_point=0.02, max_batch=64))  # fmt: skip
+    return run_bench(
+        BenchOptions(
+            model.model,
+            model.evaluation,
+            instance_type="local",
+            variants=("fp32", "int8-dynamic"),
+            seconds_per_point=0.02,
+            max_batch=64,
+        )
+    )
 
 
 def stand_in(profile: Profile, instance_type: str) -> Profile:
-    return profile.model_copy(update={"instance_type": instance_type,
-                                      "model_name": f"stand-in-for-{instance_type}-{profile.model_name}"})  # fmt: skip
+    return profile.model_copy(
+        update={"instance_type": instance_type, "model_name": f"stand-in-for-{instance_type}-{profile.model_name}"}
+    )
 
 
 def stand_in_profiles(gpu: bool = True) -> list[Profile]:

@@ -84,12 +84,24 @@ def custom_table() -> dict[str, Any]:
         "currency": "USD",
         "instanceTypes": [
             {"name": "m5.large", "vcpus": 2, "memoryGiB": 8, "onDemandUsdPerHour": 0.0749},
-            {"name": "c8g.xlarge", "vcpus": 4, "memoryGiB": 8, "gpus": 0, "onDemandUsdPerHour": 0.1116,
-             "spotUsdPerHour": 0.045},
-            {"name": "g6.xlarge", "vcpus": 4, "memoryGiB": 16, "gpus": 1, "gpuModel": "NVIDIA L4",
-             "onDemandUsdPerHour": 0.5634},
+            {
+                "name": "c8g.xlarge",
+                "vcpus": 4,
+                "memoryGiB": 8,
+                "gpus": 0,
+                "onDemandUsdPerHour": 0.1116,
+                "spotUsdPerHour": 0.045,
+            },
+            {
+                "name": "g6.xlarge",
+                "vcpus": 4,
+                "memoryGiB": 16,
+                "gpus": 1,
+                "gpuModel": "NVIDIA L4",
+                "onDemandUsdPerHour": 0.5634,
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 # Defaults ------------------------------------------------------------------------------------------
@@ -117,10 +129,18 @@ def test_by_default_the_operator_plans_with_the_shipped_table_from_its_configmap
 
 def test_the_default_security_contexts_are_todays_restricted_ones(helm, tmp_path):
     docs = render(helm, tmp_path)
-    pod_context = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                   "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
-    container_context = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-                         "capabilities": {"drop": ["ALL"]}}  # fmt: skip
+    pod_context = {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container_context = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     for pod in (operator_pod(docs), test_pod(docs)):
         assert pod["spec"]["securityContext"] == pod_context
         assert container(pod)["securityContext"] == container_context
@@ -131,8 +151,12 @@ def test_the_defaults_add_nothing_a_user_did_not_ask_for(helm, tmp_path):
     assert not {"imagePullSecrets", "affinity", "nodeSelector", "tolerations"} & pod["spec"].keys()
     assert set(pod["metadata"]["annotations"]) == {"checksum/prices"}
     assert container(pod)["args"] is None  # no namespaces, not verbose, no extra args
-    assert set(env_of(container(pod))) == {"LEANSERVE_SERVING_IMAGE", "LEANSERVE_GPU_IMAGE", "LEANSERVE_REDIS_IMAGE",
-                                           "LEANSERVE_PRICES"}  # fmt: skip
+    assert set(env_of(container(pod))) == {
+        "LEANSERVE_SERVING_IMAGE",
+        "LEANSERVE_GPU_IMAGE",
+        "LEANSERVE_REDIS_IMAGE",
+        "LEANSERVE_PRICES",
+    }
 
 
 # Names and labels ------------------------------------------------------------------------------------
@@ -141,9 +165,15 @@ def test_the_defaults_add_nothing_a_user_did_not_ask_for(helm, tmp_path):
 def test_fullname_override_names_every_object_and_every_reference(helm, tmp_path):
     docs = render(helm, tmp_path, {"fullnameOverride": "acme", "operator": {"watchNamespaces": ["team-a"]}})
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    assert names >= {("Deployment", "acme-operator"), ("Service", "acme-operator"), ("ServiceAccount", "acme"),
-                     ("ClusterRole", "acme-operator"), ("RoleBinding", "acme-operator"),
-                     ("ConfigMap", "acme-prices"), ("Pod", "acme-test-health")}  # fmt: skip
+    assert names >= {
+        ("Deployment", "acme-operator"),
+        ("Service", "acme-operator"),
+        ("ServiceAccount", "acme"),
+        ("ClusterRole", "acme-operator"),
+        ("RoleBinding", "acme-operator"),
+        ("ConfigMap", "acme-prices"),
+        ("Pod", "acme-test-health"),
+    }
     pod = operator_pod(docs)
     assert pod["spec"]["serviceAccountName"] == "acme"
     assert {"name": "prices", "configMap": {"name": "acme-prices"}} in pod["spec"]["volumes"]
@@ -196,12 +226,16 @@ def test_pod_labels_and_annotations_may_not_repeat_the_charts_own(helm, tmp_path
 
 
 def test_extra_env_and_args_come_after_the_charts_own(helm, tmp_path):
-    values = {"operator": {
-        "verbose": True,
-        "extraArgs": ["--liveness=http://0.0.0.0:9090/healthz"],
-        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
-                     {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
-    }}  # fmt: skip
+    values = {
+        "operator": {
+            "verbose": True,
+            "extraArgs": ["--liveness=http://0.0.0.0:9090/healthz"],
+            "extraEnv": [
+                {"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            ],
+        }
+    }
     c = container(operator_pod(render(helm, tmp_path, values)))
     assert c["args"] == ["--verbose", "--liveness=http://0.0.0.0:9090/healthz"]
     names = [e["name"] for e in c["env"]]
@@ -213,9 +247,12 @@ def test_extra_env_and_args_come_after_the_charts_own(helm, tmp_path):
 def test_images_come_from_the_values_in_one_place(helm, tmp_path):
     values = {
         "operator": {"image": {"repository": "registry.acme/leanserve/operator", "tag": "0.1.0-acme"}},
-        "serving": {"image": "registry.acme/serving:1", "gpuImage": "registry.acme/serving-gpu:1",
-                    "redisImage": "registry.acme/redis:7"},
-    }  # fmt: skip
+        "serving": {
+            "image": "registry.acme/serving:1",
+            "gpuImage": "registry.acme/serving-gpu:1",
+            "redisImage": "registry.acme/redis:7",
+        },
+    }
     docs = render(helm, tmp_path, values)
     assert container(operator_pod(docs))["image"] == "registry.acme/leanserve/operator:0.1.0-acme"
     assert container(test_pod(docs))["image"] == "registry.acme/leanserve/operator:0.1.0-acme"
@@ -241,11 +278,17 @@ def test_resources_are_the_users(helm, tmp_path):
 
 
 def test_scheduling_values_place_the_operator_and_the_test_pod(helm, tmp_path):
-    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}]}}}  # fmt: skip
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}]
+            }
+        }
+    }
     tolerations = [{"key": "dedicated", "operator": "Equal", "value": "system", "effect": "NoSchedule"}]
-    values = {"operator": {"nodeSelector": {"kubernetes.io/os": "linux"}, "affinity": affinity,
-                           "tolerations": tolerations}}  # fmt: skip
+    values = {
+        "operator": {"nodeSelector": {"kubernetes.io/os": "linux"}, "affinity": affinity, "tolerations": tolerations}
+    }
     docs = render(helm, tmp_path, values)
     for pod in (operator_pod(docs), test_pod(docs)):
         assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
@@ -254,14 +297,21 @@ def test_scheduling_values_place_the_operator_and_the_test_pod(helm, tmp_path):
 
 
 def test_security_contexts_are_values(helm, tmp_path):
-    values = {"operator": {
-        "podSecurityContext": {"runAsUser": 20000, "runAsGroup": 20000, "fsGroup": 20000},
-        "securityContext": {"readOnlyRootFilesystem": False, "capabilities": {"drop": ["ALL"], "add": ["NET_RAW"]}},
-    }}  # fmt: skip
+    values = {
+        "operator": {
+            "podSecurityContext": {"runAsUser": 20000, "runAsGroup": 20000, "fsGroup": 20000},
+            "securityContext": {"readOnlyRootFilesystem": False, "capabilities": {"drop": ["ALL"], "add": ["NET_RAW"]}},
+        }
+    }
     docs = render(helm, tmp_path, values)
     # Helm merges maps: what the user leaves out keeps its default (nulling a key removes it).
-    pod_context = {"runAsNonRoot": True, "runAsUser": 20000, "runAsGroup": 20000, "fsGroup": 20000,
-                   "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+    pod_context = {
+        "runAsNonRoot": True,
+        "runAsUser": 20000,
+        "runAsGroup": 20000,
+        "fsGroup": 20000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     for pod in (operator_pod(docs), test_pod(docs)):
         assert pod["spec"]["securityContext"] == pod_context
         c = container(pod)["securityContext"]
@@ -282,12 +332,17 @@ def every_override() -> dict[str, Any]:
             "podSecurityContext": {"fsGroup": 10001},
             "securityContext": {"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
             "nodeSelector": {"kubernetes.io/os": "linux"},
-            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1,
-                         "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+                    ]
+                }
+            },
             "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
         },
         "prices": custom_table(),
-    }  # fmt: skip
+    }
 
 
 def test_the_api_server_accepts_every_object_rendered_with_every_override(kube, namespace, helm, tmp_path):
@@ -368,8 +423,19 @@ def broken_table(change: str) -> dict[str, Any]:
     return table
 
 
-BROKEN = ["negative price", "zero price", "price as text", "no price", "fractional vcpus", "no vcpus",
-          "unknown field", "no name", "zero spot price", "no source", "instance types not a list"]  # fmt: skip
+BROKEN = [
+    "negative price",
+    "zero price",
+    "price as text",
+    "no price",
+    "fractional vcpus",
+    "no vcpus",
+    "unknown field",
+    "no name",
+    "zero spot price",
+    "no source",
+    "instance types not a list",
+]
 
 
 @pytest.mark.parametrize("change", BROKEN)
@@ -390,8 +456,10 @@ def test_an_empty_or_missing_price_table_fails_helm_template(helm, tmp_path):
 def test_the_schema_knows_exactly_the_price_tables_fields():
     """A field added to the pydantic models without the schema (or the reverse) fails here."""
     schema = json.loads((CHART / "values.schema.json").read_text())
-    for model, fragment in ((PriceTable, schema["properties"]["prices"]),
-                            (InstanceType, schema["definitions"]["instanceType"])):  # fmt: skip
+    for model, fragment in (
+        (PriceTable, schema["properties"]["prices"]),
+        (InstanceType, schema["definitions"]["instanceType"]),
+    ):
         fields = {f.alias or name: f for name, f in model.model_fields.items()}
         assert set(fragment["properties"]) == set(fields), model.__name__
         assert set(fragment["required"]) >= {alias for alias, f in fields.items() if f.is_required()}
@@ -403,10 +471,15 @@ def test_the_schema_knows_exactly_the_price_tables_fields():
 
 @pytest.mark.parametrize(
     ("typo", "misspelt"),
-    [("operatr.verbose=true", "'operatr'"), ("imagePullSecret[0].name=regcred", "'imagePullSecret'"),
-     ("nameOveride=x", "'nameOveride'"), ("operator.podLabel.team=a", "'podLabel'"),
-     ("operator.extraArg[0]=--verbose", "'extraArg'"), ("prices.instanceType=x", "'instanceType'")],
-)  # fmt: skip
+    [
+        ("operatr.verbose=true", "'operatr'"),
+        ("imagePullSecret[0].name=regcred", "'imagePullSecret'"),
+        ("nameOveride=x", "'nameOveride'"),
+        ("operator.podLabel.team=a", "'podLabel'"),
+        ("operator.extraArg[0]=--verbose", "'extraArg'"),
+        ("prices.instanceType=x", "'instanceType'"),
+    ],
+)
 def test_a_mistyped_value_fails_helm_template(helm, tmp_path, typo, misspelt):
     stderr = refusal(helm, tmp_path, None, "--set", typo)
     assert "additional properties" in stderr and misspelt in stderr, stderr

@@ -70,14 +70,29 @@ def write_terminated(kube: Any, ns: str, pod: Any, exit_code: int, message: str)
     """What the kubelet would write when the bench container exits."""
     now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     container = pod.spec.containers[0]
-    status = {"status": {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "containerStatuses": [{
-            "name": container.name, "image": container.image, "imageID": "", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                     "message": message, "startedAt": now, "finishedAt": now}},
-        }],
-    }}  # fmt: skip
+    status = {
+        "status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": "Completed" if exit_code == 0 else "Error",
+                            "message": message,
+                            "startedAt": now,
+                            "finishedAt": now,
+                        }
+                    },
+                }
+            ],
+        }
+    }
     client.CoreV1Api(kube).patch_namespaced_pod_status(pod.metadata.name, ns, status)
 
 
@@ -88,8 +103,9 @@ def run_bench_job_standing_in_for_the_container(kube: Any, ns: str, job: str, tm
     assert command[:3] == ["python", "-m", "leanserve_serving.bench_job"]
     log = tmp / f"{job}.termination-log"
     faster = ["--seconds-per-point", "0.02", "--max-batch", "64", "--termination-log", str(log)]
-    proc = subprocess.run([sys.executable, *command[1:], *faster], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, *command[1:], *faster], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     message = log.read_text()
     write_terminated(kube, ns, pod, proc.returncode, message)
     return message
@@ -104,8 +120,10 @@ def test_every_candidate_is_profiled_then_planned_and_deployed(kube, operator, n
     create(kube, namespace, doc("full", model, CPU_TYPES))
     obj = wait_phase(kube, namespace, "full", "Profiling")
     assert condition(obj, "Planned")["reason"] == "Profiling"
-    names = sorted(j.metadata.name for j in wait_for("two Jobs", lambda: len(jobs(kube, namespace, "full")) == 2
-                                                    and jobs(kube, namespace, "full")))  # fmt: skip
+    names = sorted(
+        j.metadata.name
+        for j in wait_for("two Jobs", lambda: len(jobs(kube, namespace, "full")) == 2 and jobs(kube, namespace, "full"))
+    )
     assert names == ["full-bench-c6i-2xlarge", "full-bench-m5-2xlarge"]
     job = client.BatchV1Api(kube).read_namespaced_job("full-bench-m5-2xlarge", namespace)
     pod_spec = job.spec.template.spec
@@ -129,9 +147,14 @@ def test_traffic_change_reuses_the_profiles(kube, operator, namespace, model, tm
     wait_phase(kube, namespace, "reuse", "Ready", timeout=90)
     # uid and generation: the Job controller keeps writing its status, a new Job or a spec write of ours would show.
     before = [(j.metadata.uid, j.metadata.generation) for j in jobs(kube, namespace, "reuse")]
-    custom(kube).patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "reuse",
-                                                {"spec": {"traffic": {"averageRps": 900}, "sla": {
-                                                    "latency": {"targetMs": 80}}}})  # fmt: skip
+    custom(kube).patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "reuse",
+        {"spec": {"traffic": {"averageRps": 900}, "sla": {"latency": {"targetMs": 80}}}},
+    )
     obj = wait_phase(kube, namespace, "reuse", "Ready", generation=2, timeout=60)
     assert [(j.metadata.uid, j.metadata.generation) for j in jobs(kube, namespace, "reuse")] == before
     assert obj["status"]["profiling"] == [{"instanceType": "c6i.2xlarge", "state": "Done", "reason": ""}]
@@ -189,8 +212,9 @@ def test_a_bench_that_never_finishes_is_stopped_at_the_deadline_and_its_type_lef
     c6i's profile is cached (a stand-in), so only m5's Job runs; kwok runs its pod and nobody ever reports
     a result for it: to the cluster, a bench that hangs.
     """
-    body = doc("hung", model, CPU_TYPES,
-               profiling={"unschedulableTimeoutSeconds": 10, "deadlineSeconds": 15, "retries": 1})  # fmt: skip
+    body = doc(
+        "hung", model, CPU_TYPES, profiling={"unschedulableTimeoutSeconds": 10, "deadlineSeconds": 15, "retries": 1}
+    )
     key = profile_store.model_key(ModelSpec.model_validate(body["spec"]["model"]))
     profile_store.save(kube, namespace, key, stand_in(measured_here(), "c6i.2xlarge"))
     create(kube, namespace, body)

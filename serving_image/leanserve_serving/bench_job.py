@@ -32,8 +32,9 @@ def run(args: argparse.Namespace) -> str:
         model = fetch_model(args.uri, work, args.model_format, args.sha256)
         evaluation = fetch_evaluation(args.evaluation, work)
         try:
-            options = BenchOptions(model, evaluation, instance_type=args.instance_type, metric=args.metric,
-                                   **timing_options(args))  # fmt: skip
+            options = BenchOptions(
+                model, evaluation, instance_type=args.instance_type, metric=args.metric, **timing_options(args)
+            )
             profile = run_bench(options, progress=lambda m: print(m, flush=True))
         except BenchError as exc:
             raise FetchError(str(exc)) from None

@@ -430,6 +430,22 @@ def test_a_new_plan_rolls_out_with_zero_failed_requests(cluster: Cluster) -> Non
 # 5. load at twice one replica's capacity: the HPA scales ------------------------------------------
 
 
+def log_autoscaling_state(kind: Cluster) -> None:
+    """What the HPA saw and why: its status and conditions, the pods, and metrics-server's figures."""
+    hpa = kind.get("hpa", NAME, NS)
+    log(f"hpa status: {json.dumps(hpa.get('status', {}))}")
+    for p in kind.get("pods", namespace=NS)["items"]:
+        st = p["status"]
+        log(
+            f"pod {p['metadata']['name']}: phase {st.get('phase')} node {p['spec'].get('nodeName')} "
+            f"deleting {bool(p['metadata'].get('deletionTimestamp'))} ready {ready(p)}"
+        )
+    raw = kind.kubectl("get", "--raw", f"/apis/metrics.k8s.io/v1beta1/namespaces/{NS}/pods", check=False)
+    log(f"pod metrics: {raw[:3000]}")
+    events = kind.kubectl("get", "events", "-n", NS, "--field-selector", "involvedObject.kind=HorizontalPodAutoscaler")
+    log(f"hpa events:\n{events[-3000:]}")
+
+
 def test_load_above_capacity_makes_the_hpa_scale_up(cluster: Cluster) -> None:
     require("serving", "plan")
     kind = cluster
@@ -438,12 +454,22 @@ def test_load_above_capacity_makes_the_hpa_scale_up(cluster: Cluster) -> None:
     rate = round(2 * capacity, 1)
     TIMINGS["hpa_target_rps"] = rate
 
+    last_log = [time.monotonic()]
+
     def settled() -> bool:  # the rollout's load may have scaled it up: start from one replica
         st = kind.get("hpa", NAME, NS).get("status", {})
+        if time.monotonic() - last_log[0] > 30:
+            last_log[0] = time.monotonic()
+            metrics = json.dumps(st.get("currentMetrics"))
+            log(f"hpa: current {st.get('currentReplicas')} desired {st.get('desiredReplicas')} metrics {metrics}")
         return st.get("currentReplicas") == 1 and st.get("desiredReplicas") == 1
 
     started = time.monotonic()
-    wait_for("the HPA back at one replica", settled, timeout=240, interval=3)
+    try:
+        wait_for("the HPA back at one replica", settled, timeout=240, interval=3)
+    except AssertionError:
+        log_autoscaling_state(kind)
+        raise
     timed("hpa_settle_s", started)
     # At most 64 requests in flight: past what one replica carries either way, without a flood of
     # connections that would starve the probes (the rate the generator reached is reported).
