@@ -88,7 +88,13 @@ class VariantProfile(_Model):
 
 
 class Profile(_Model):
-    """Everything measured for one model on one instance type."""
+    """Everything measured for one model on one instance type.
+
+    The contract between the bench (the serving image writes it) and the planner (the operator reads
+    it, from a Job's termination message and from its profile cache): the two ship in different
+    images and may run at different versions, so a change of shape is a new ``schema_version`` and
+    both sides change together.
+    """
 
     schema_version: Literal[1] = 1
     model_name: str
