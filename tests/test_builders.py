@@ -162,6 +162,11 @@ def test_hpa_bounds_are_the_warm_pool_and_what_the_budget_allows(changes, itype,
     assert replica_bounds(spec(**changes), plan(itype)) == expected
 
 
+def test_the_cpu_target_is_the_specs():
+    hpa = render_hpa(OWNER, spec(autoscaling={"targetCpuUtilization": 40}), plan(), CPU, BuildSettings())["spec"]
+    assert {m["containerResource"]["target"]["averageUtilization"] for m in hpa["metrics"]} == {40}
+
+
 def test_the_hpa_takes_its_bounds_from_the_plan():
     c = plan()
     c.replicas_min, c.replicas_max = 2, 9

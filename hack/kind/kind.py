@@ -229,6 +229,47 @@ def kubectl(kbin: Path, *args: str, capture: bool = False, check: bool = True) -
     return run([str(kbin / "kubectl"), "--kubeconfig", str(KUBECONFIG), *args], capture=capture, check=check)
 
 
+def metrics_api_serves(kbin: Path) -> bool:
+    """Whether the API server answers for the resource metrics API (what the HPA reads), not only lists it."""
+    out = kubectl(kbin, "get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes", capture=True, check=False)
+    try:
+        return bool(json.loads(out).get("items"))
+    except ValueError:
+        return False
+
+
+def wait_metrics_api(kbin: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics_api_serves(kbin):
+            return True
+        time.sleep(3)
+    return False
+
+
+def ensure_metrics_api(kbin: Path, prov: str, env: dict[str, str]) -> None:
+    """Wait until the metrics API answers through the API server; restart the API server once if it never does.
+
+    Seen here with Kubernetes 1.34 (once in a few fresh clusters): the metrics-server
+    APIService registers while its Service has no endpoint yet, the aggregator's
+    first calls fail (503, connection refused), and from then on the API server
+    answers 404 for metrics.k8s.io although the APIService says Available and
+    metrics-server answers when called directly. Re-creating the APIService does
+    not mend it; restarting kube-apiserver does, within seconds. Without it the
+    HPA never gets a metric ("could not find the requested resource").
+    """
+    if wait_metrics_api(kbin, 60):
+        return
+    node = f"{CLUSTER}-control-plane"
+    log("the API server does not serve metrics.k8s.io although metrics-server is up: restarting kube-apiserver")
+    ids = run([prov, "exec", node, "crictl", "ps", "-q", "--name", "kube-apiserver"], env=env, capture=True).split()
+    for container in ids:
+        run([prov, "exec", node, "crictl", "stop", container], env=env, capture=True)
+    if not wait_metrics_api(kbin, 120):
+        raise SystemExit("error: the metrics API (metrics.k8s.io) does not answer through the API server")
+    log("the metrics API answers after the restart")
+
+
 def leanserve_archives() -> list[Path]:
     manifest = IMAGES_DIR / "manifest.json"
     if not manifest.exists():
@@ -273,6 +314,7 @@ def up(args: argparse.Namespace) -> int:
         kubectl(kbin, "-n", ns, "rollout", "status", f"{kind_}/{name}", "--timeout=180s", capture=True)
     if prov == "podman":
         kubectl(kbin, "-n", "kube-flannel", "rollout", "status", "ds/kube-flannel-ds", "--timeout=180s", capture=True)
+    ensure_metrics_api(kbin, prov, env)
     timings["addons_ready_s"] = round(time.monotonic() - started, 1)
     log(f"cluster {CLUSTER} ready ({prov}); timings {json.dumps(timings)}")
     (CACHE / "timings.json").write_text(json.dumps({"provider": prov, **timings}))

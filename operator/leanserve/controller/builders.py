@@ -66,7 +66,6 @@ class BuildSettings:
     redis_image: str = "redis:7.4-alpine"
     custom_metrics: bool = False
     """A custom metrics API serves ``leanserve_requests_per_second`` per pod: the HPA scales on it."""
-    cpu_target_utilization: int = 70
 
 
 @dataclass(frozen=True)
@@ -475,7 +474,7 @@ def render_hpa(
             }
         ]
     else:
-        metrics = [container_cpu_metric(c, settings.cpu_target_utilization) for c in SERVING_CONTAINERS]
+        metrics = [container_cpu_metric(c, spec.autoscaling.target_cpu_utilization) for c in SERVING_CONTAINERS]
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
