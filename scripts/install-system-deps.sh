@@ -3,6 +3,8 @@
 #   openssl       - certificates for the test control plane
 #   redis-server  - the real Redis the cache tests run against
 #   hey           - the HTTP load generator of benchmarks/serving.py
+#   prometheus    - the real Prometheus (and promtool, for backfilled blocks) the observer tests start;
+#                   installed without leaving a service running or enabled (see below)
 #   buildah, debootstrap, binutils - build the images without a Docker engine (make images)
 #   containerd, runc - run them in the container tests (a containerd of the suite's own)
 #   podman, netavark, aardvark-dns, gcc, libc6-dev - the kind cluster of the end-to-end tests (podman is kind's provider
@@ -31,6 +33,7 @@ need_apt=()
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v hey >/dev/null 2>&1 || need_apt+=(hey)
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ "$with_images" = 1 ]; then
   command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
   command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
@@ -49,11 +52,42 @@ if [ "$with_kind" = 1 ]; then
   [ -e /usr/include/stdio.h ] || need_apt+=(libc6-dev)
 fi
 
+# Debian's prometheus package starts a Prometheus service at once and enables it at boot. The tests start
+# their own, on free loopback ports with temporary storage; a host service would only hold port 9090 and
+# fill /var/lib/prometheus. So it is installed under a policy-rc.d that forbids starting services (exit 101,
+# invoke-rc.d's "action forbidden"; a policy-rc.d the host already has is kept as it is), and then stopped,
+# in case one started anyway, and disabled (systemd unit and SysV links), so it does not come back at boot.
+install_prometheus_without_service() {
+  local policy=/usr/sbin/policy-rc.d ours=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# written by install-system-deps.sh while it installs prometheus\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    ours=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when the install fails or is interrupted
+  fi
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || rc=$?
+  if [ "$ours" = 1 ]; then rm -f "$policy"; trap - EXIT; fi
+  [ "$rc" = 0 ] || return "$rc"
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  else
+    service prometheus stop >/dev/null 2>&1 || true
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable prometheus.service >/dev/null 2>&1 || true; fi
+    update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
+}
+
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages: ${need_apt[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    others=()
+    for pkg in "${need_apt[@]}"; do [ "$pkg" = prometheus ] || others+=("$pkg"); done
+    if [ ${#others[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${others[@]}" >/dev/null
+    fi
+    [ ${#others[@]} = ${#need_apt[@]} ] || install_prometheus_without_service
   else
     echo "error: missing system packages: ${need_apt[*]} (install them, or run as root on Debian/Ubuntu)" >&2
     exit 1
