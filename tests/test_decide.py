@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from leanserve.controller.config import OperatorConfig
 from leanserve.controller.decide import NO_CANDIDATE_RETRY_S, PROFILE_RETRY_S, PROFILING_POLL_S, decide
 from leanserve.controller.observe import Observed, owner_of, parse_spec
 from leanserve.controller.profile_store import model_key
+from leanserve.observer import Observation
 from leanserve_serving.profile import Profile
 from tests.stand_in_profiles import GPU_FIXTURE, stand_in
 
@@ -207,3 +209,153 @@ def test_decide_is_a_function_of_what_was_observed(ready):
     seen = observed(profiles=cached(), serving=serving(ready))
     first, second = decide(seen, CONFIG), decide(seen, CONFIG)
     assert first.status == second.status and kinds(first.apply) == kinds(second.apply)
+
+
+# Observation: what Prometheus says, judged against the plan in place ----------------------------
+
+
+PROMETHEUS = OperatorConfig(prometheus_url="http://127.0.0.1:9")  # never dialled: decide reads no network
+
+
+def deployed(doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An InferenceDeployment whose first plan is in place (status from a first decide)."""
+    doc = doc or body()
+    first = decide(observed(doc, profiles=cached(), serving=serving(2)), PROMETHEUS)
+    return {**doc, "status": first.status}
+
+
+def reading(
+    doc: dict[str, Any], *, rps: float, p95: float = 20.0, hit: float | None = None, **more: Any
+) -> Observation:
+    window = 300.0
+    figures = {
+        "at": NOW,
+        "window_s": window,
+        "requests": rps * window,
+        "rps": rps,
+        "p50_ms": p95 / 2,
+        "p95_ms": p95,
+        "p99_ms": p95 * 1.5,
+        "error_rate": 0.0,
+        "throttled_rate": 0.0,
+        "cache_hit_rate": hit,
+        "mean_batch": 4.0,
+        "replicas": float(doc["status"]["plan"]["replicas"]["min"]),
+    }
+    return Observation(**(figures | more))
+
+
+def later(doc: dict[str, Any], decision: Any, minutes: float, obs: Observation) -> Observed:
+    """The next reconcile: the status the last decision wrote, ``minutes`` later, with a new reading."""
+    when = NOW + timedelta(minutes=minutes)
+    nxt = {**doc, "status": decision.status}
+    return Observed(
+        body=nxt,
+        owner=owner_of(nxt),
+        now=when,
+        spec=parse_spec(nxt)[0],
+        key=model_key(parse_spec(nxt)[0].model),
+        profiles=cached(),
+        serving=serving(2),
+        observation=replace(obs, at=when),
+    )
+
+
+def test_without_prometheus_nothing_is_observed_and_the_condition_says_why():
+    d = decide(observed(profiles=cached(), serving=serving(2)), CONFIG)
+    assert condition(d.status, "Observed")["reason"] == "NoPrometheus" and "observed" not in d.status
+
+
+def test_prometheus_down_is_observed_false_and_changes_nothing_else():
+    doc = deployed()
+    calm = decide(observed(doc, profiles=cached(), serving=serving(2)), PROMETHEUS)
+    down = decide(
+        observed(doc, profiles=cached(), serving=serving(2), observation_error="connection refused"), PROMETHEUS
+    )
+    cond = condition(down.status, "Observed")
+    assert (
+        cond["status"] == "False"
+        and cond["reason"] == "PrometheusUnavailable"
+        and "connection refused" in cond["message"]
+    )
+    assert down.status["plan"] == calm.status["plan"] and kinds(down.apply) == kinds(calm.apply)
+    assert down.apply == calm.apply and not down.events
+
+
+def test_a_reading_within_the_plan_shows_observed_beside_predicted():
+    doc = deployed(body(budget={"maxCostPerMillionRequests": 100}))
+    plan = doc["status"]["plan"]
+    d = decide(observed(doc, profiles=cached(), serving=serving(2), observation=reading(doc, rps=800)), PROMETHEUS)
+    seen = d.status["observed"]
+    assert (
+        seen["rps"] == 800
+        and seen["latencyMs"] == 20.0
+        and seen["predicted"]["latencyMs"] == plan["predictedLatencyMs"]
+    )
+    assert seen["error"]["latency"] == round(20.0 / plan["predictedLatencyMs"] - 1, 4)
+    # replicas x price x window / requests: the cost of what was served
+    price = CONFIG.prices.get(plan["instanceType"]).on_demand_usd_per_hour
+    expected = plan["replicas"]["min"] * price * (300 / 3600) / (800 * 300) * 1e6
+    assert seen["costPerMillionRequests"] == pytest.approx(expected, rel=1e-3)
+    assert condition(d.status, "SLAMet")["status"] == "True" and condition(d.status, "Drift")["reason"] == "NoDrift"
+    assert condition(d.status, "WithinBudget")["reason"] == "ObservedWithinBudget"
+    assert d.status["plan"] == plan
+
+
+def test_too_little_traffic_is_not_judged():
+    doc = deployed()
+    d = decide(observed(doc, profiles=cached(), serving=serving(2), observation=reading(doc, rps=1)), PROMETHEUS)
+    assert (
+        condition(d.status, "SLAMet")["reason"] == "NotEnoughTraffic"
+        and condition(d.status, "Drift")["reason"] == "NoDrift"
+    )
+
+
+def test_traffic_drift_replans_once_then_holds_without_flapping():
+    doc = deployed(body(observe={"drift": {"minSavings": 0, "minIntervalSeconds": 3600}}))
+    surge = reading(doc, rps=2400 * 3)
+    first = decide(observed(doc, profiles=cached(), serving=serving(2), observation=surge), PROMETHEUS)
+    drift = condition(first.status, "Drift")
+    assert drift["status"] == "True" and drift["reason"] == "Replanned" and "above the peak" in drift["message"]
+    replan = first.status["observed"]["replan"]
+    assert replan["peakRps"] == 7200 and replan["generation"] == 3 and first.events[0][0] == "Replanned"
+    assert first.status["plan"]["replicas"]["peak"] > doc["status"]["plan"]["replicas"]["peak"]
+    # Ten minutes on, the surge goes on: the new plan holds (no second re-plan, no return to the old one).
+    again = decide(later(doc, first, 10, surge), PROMETHEUS)
+    assert condition(again.status, "Drift")["reason"] in ("DriftTooSoon", "NoDrift") and not again.events
+    assert again.status["plan"] == first.status["plan"] and again.status["observed"]["replan"] == replan
+    # Traffic back to what the spec says, ten minutes later still: too soon to plan again.
+    calm = decide(later(doc, again, 20, reading(doc, rps=800)), PROMETHEUS)
+    assert calm.status["plan"] == first.status["plan"] and not calm.events
+
+
+def test_a_drift_whose_new_plan_saves_too_little_is_not_applied():
+    doc = deployed()
+    d = decide(
+        observed(doc, profiles=cached(), serving=serving(2), observation=reading(doc, rps=2400 * 1.3)), PROMETHEUS
+    )
+    drift = condition(d.status, "Drift")
+    assert drift["status"] == "False" and drift["reason"] == "DriftNoGain" and "saves less than 10%" in drift["message"]
+    assert d.status["plan"] == doc["status"]["plan"] and "replan" not in d.status["observed"] and not d.events
+
+
+def test_within_the_tolerance_there_is_no_drift():
+    doc = deployed(body(observe={"drift": {"minSavings": 0}}))
+    d = decide(
+        observed(doc, profiles=cached(), serving=serving(2), observation=reading(doc, rps=2400 * 1.2)), PROMETHEUS
+    )
+    assert condition(d.status, "Drift")["reason"] == "NoDrift" and d.status["plan"] == doc["status"]["plan"]
+
+
+def test_three_sla_misses_in_a_row_replan_with_more_headroom():
+    doc = deployed()
+    slow = reading(doc, rps=800, p95=250.0)  # the SLA is p95 <= 100 ms
+    d = decide(observed(doc, profiles=cached(), serving=serving(2), observation=slow), PROMETHEUS)
+    assert condition(d.status, "SLAMet")["reason"] == "SLAMissed" and d.status["observed"]["slaMissStreak"] == 1
+    for minutes in (1, 2):
+        d = decide(later(doc, d, minutes, slow), PROMETHEUS)
+    assert d.status["observed"]["slaMissStreak"] == 3
+    drift = condition(d.status, "Drift")
+    assert drift["reason"] == "Replanned" and "3 windows in a row" in drift["message"]
+    assert d.status["observed"]["replan"]["maxUtilization"] == pytest.approx(0.64)
+    assert d.status["plan"]["capacityRpsPerReplica"] < doc["status"]["plan"]["capacityRpsPerReplica"]

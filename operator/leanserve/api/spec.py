@@ -327,6 +327,35 @@ class ProfilingSpec(ApiModel):
     holding the deployment in Profiling for ever. Must exceed unschedulableTimeoutSeconds."""
 
 
+class DriftSpec(ApiModel):
+    """When observed figures leave what the plan assumed, plan again with them, without flapping."""
+
+    enabled: bool = True
+    min_interval_seconds: int = Field(default=3600, ge=60, le=604800)
+    """At most one re-plan per this period, whatever the figures do meanwhile."""
+    min_savings: float = Field(default=0.1, ge=0, le=1)
+    """A re-plan that fixes no SLA miss is applied only if it saves at least this share of the cost per
+    million requests of the plan in place (both priced at the observed figures)."""
+    traffic_tolerance: float = Field(default=0.25, ge=0, le=10)
+    """Drift when the observed request rate leaves [lowest hourly rate x (1 - t), peakRps x (1 + t)]."""
+    hit_rate_tolerance: float = Field(default=0.05, ge=0, le=1)
+    """Drift when the observed cache hit rate is off the spec's expected one by more than this (absolute)."""
+    sla_miss_windows: int = Field(default=3, ge=1, le=1000)
+    """Drift when the observed latency misses the SLA in this many consecutive observations."""
+
+
+class ObserveSpec(ApiModel):
+    """How the operator reads what the deployment actually does from Prometheus (when it has one)."""
+
+    interval_seconds: int = Field(default=60, ge=10, le=3600)
+    """How often the figures are read."""
+    window_seconds: int = Field(default=300, ge=30, le=86400)
+    """The window each reading covers (rates, quantiles and replicas are over it)."""
+    min_requests: int = Field(default=1000, ge=1, le=1_000_000_000)
+    """Requests a window needs before SLAMet, WithinBudget and drift are judged on observed figures."""
+    drift: DriftSpec = defaulted(DriftSpec)
+
+
 class ResourceOverrides(ApiModel):
     """Container resources, overriding what the planner sizes."""
 
@@ -386,3 +415,4 @@ class InferenceDeploymentSpec(ApiModel):
     autoscaling: AutoscalingSpec = defaulted(AutoscalingSpec)
     profiling: ProfilingSpec = defaulted(ProfilingSpec)
     serving: ServingSpec = defaulted(ServingSpec)
+    observe: ObserveSpec = defaulted(ObserveSpec)

@@ -98,15 +98,63 @@ class SavingsStep(ApiModel):
     description: str = ""
 
 
+class PredictedFigures(ApiModel):
+    """What the plan in place predicted, beside what was observed."""
+
+    latency_ms: float | None = Field(default=None, ge=0)
+    """At the SLA's percentile, at the capacity planned per replica."""
+    cost_per_million_requests: float | None = Field(default=None, ge=0)
+    capacity_rps_per_replica: float | None = Field(default=None, ge=0)
+
+
+class ObservedErrors(ApiModel):
+    """Observed over predicted, minus one (0.1: observed 10 % above the prediction)."""
+
+    latency: float | None = None
+    cost_per_million: float | None = None
+    capacity: float | None = None
+    """Only when the replicas were saturated (requests throttled): otherwise they carried what came."""
+
+
+class Replan(ApiModel):
+    """The figures the plan in place was made with, when drift made the operator plan again."""
+
+    at: datetime
+    reason: str
+    generation: int | None = Field(default=None, ge=0)
+    """The spec generation it applies to: a new spec starts from the spec's own figures again."""
+    average_rps: float | None = Field(default=None, ge=0)
+    peak_rps: float | None = Field(default=None, ge=0)
+    cache_hit_rate: float | None = Field(default=None, ge=0, le=1)
+    max_utilization: float | None = Field(default=None, gt=0, le=1)
+    """The share of its capacity each replica is planned to carry, lowered after SLA misses."""
+
+
 class ObservedStatus(ApiModel):
-    """What Prometheus says the deployment actually does."""
+    """What Prometheus says the deployment actually does, beside what the plan predicted."""
 
     rps: float | None = Field(default=None, ge=0)
+    requests: float | None = Field(default=None, ge=0)
+    p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+    """At the SLA's percentile (p50, p95 or p99, the nearest above it)."""
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    throttled_rate: float | None = Field(default=None, ge=0, le=1)
     cache_hit_rate: float | None = Field(default=None, ge=0, le=1)
+    mean_batch: float | None = Field(default=None, ge=0)
+    replicas: float | None = Field(default=None, ge=0)
     cost_per_million_requests: float | None = Field(default=None, ge=0)
+    capacity_rps_per_replica: float | None = Field(default=None, ge=0)
+    """Requests per second per replica, when the replicas were saturated."""
     window_seconds: int | None = Field(default=None, ge=1)
     updated_at: datetime | None = None
+    predicted: PredictedFigures | None = None
+    error: ObservedErrors | None = None
+    sla_miss_streak: int = Field(default=0, ge=0)
+    """Consecutive observations whose latency missed the SLA."""
+    replan: Replan | None = None
 
 
 class ProfilingRow(ApiModel):

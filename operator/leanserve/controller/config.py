@@ -30,10 +30,13 @@ class OperatorConfig:
     plan_options: PlanOptions = field(default_factory=PlanOptions)
     image_version: str = __version__
     memo: EvaluationMemo = field(default_factory=EvaluationMemo, compare=False, repr=False)
+    prometheus_url: str | None = None
+    """Where the observer reads what deployments actually do; None: nothing is observed (Observed=False)."""
 
     @classmethod
     def from_environment(cls, custom_metrics: bool = False) -> OperatorConfig:
-        """LEANSERVE_SERVING_IMAGE, LEANSERVE_GPU_IMAGE, LEANSERVE_REDIS_IMAGE, LEANSERVE_PRICES (a file)."""
+        """LEANSERVE_SERVING_IMAGE, LEANSERVE_GPU_IMAGE, LEANSERVE_REDIS_IMAGE, LEANSERVE_PRICES (a file),
+        LEANSERVE_PROMETHEUS_URL."""
         env = os.environ
         defaults = BuildSettings()
         build = BuildSettings(
@@ -43,4 +46,5 @@ class OperatorConfig:
             custom_metrics=custom_metrics,
         )
         prices_file = env.get("LEANSERVE_PRICES")
-        return cls(build=build, prices=load_prices(Path(prices_file) if prices_file else None))
+        prices = load_prices(Path(prices_file) if prices_file else None)
+        return cls(build=build, prices=prices, prometheus_url=env.get("LEANSERVE_PROMETHEUS_URL") or None)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.controller import builders, profile_store, profiling
 from leanserve.controller.conditions import Cond, merge
 from leanserve.controller.config import OperatorConfig
+from leanserve.controller.judge import judge, not_observed
 from leanserve.controller.observe import Observed
 from leanserve.planner.plan import Candidate, PlanResult, plan_deployment
 from leanserve.planner.status import candidate_rows, plan_status, savings_rows
+from leanserve.planner.unavailable import Unavailable
 from leanserve_serving.profile import Profile
 
 #: Rows of the ranked table kept in status (every InferenceDeployment's status is held by watchers: keep it small).
@@ -60,6 +63,8 @@ class Decision:
     plan: str = ""
     """The winner's label, for the log."""
     plan_seconds: float = 0.0
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    """(reason, message, type) of Events beyond condition changes (every re-plan on drift)."""
 
 
 def decide(observed: Observed, config: OperatorConfig) -> Decision:
@@ -72,14 +77,14 @@ def decide(observed: Observed, config: OperatorConfig) -> Decision:
     if measuring.pending:
         decision = _profiling(observed, measuring)
     else:
-        options = replace(config.plan_options, unavailable={**config.plan_options.unavailable, **measuring.unavailable})
         start = time.perf_counter()
-        with _PLANNING:
-            result = plan_deployment(spec, profiles, config.prices, options, config.memo)
+        plan = Planning(spec, profiles, config, measuring.unavailable)
+        result = plan(replan_in_place(observed))
         if result.winner is None:
             decision = _unplanned(observed, spec, result, profiles, measuring)
         else:
-            decision = _planned(observed, config, spec, result, profiles, measuring)
+            judged = judge_observation(observed, config, plan, result)
+            decision = _planned(observed, config, spec, judged.result, profiles, measuring, judged)
         decision.plan_seconds = time.perf_counter() - start
     decision.save_profiles = measuring.measured
     decision.create_jobs = measuring.create_jobs
@@ -166,8 +171,9 @@ def _planned(
     result: PlanResult,
     profiles: list[Profile],
     measuring: profiling.ProfilingState,
+    judged: Judged,
 ) -> Decision:
-    """A plan: the objects that serve it, and the status that shows it."""
+    """A plan: the objects that serve it, and the status that shows it (with what was observed of it)."""
     winner = result.winner
     assert winner is not None
     itype = config.prices.get(winner.instance_type)
@@ -185,7 +191,9 @@ def _planned(
     ]
     planned = Cond("Planned", "True", "Planned", _plan_message(spec, winner) + _skipped(measuring))
     deployed = Cond("Deployed", "True", "Applied", f"{len(manifests)} objects applied: " + ", ".join(done))
-    conds = [planned, deployed, available, budget_condition(spec, result)]
+    conds = [planned, deployed, available, *judged.conditions]
+    if not any(c.type == "WithinBudget" for c in judged.conditions) and not judged.keeps_budget:
+        conds.append(budget_condition(spec, result))
     current = observed.status
     status = {
         "phase": "Ready" if available.status == "True" else "Deploying",
@@ -197,14 +205,15 @@ def _planned(
         "profiling": measuring.rows,
         "conditions": merge(current.get("conditions") or [], conds, observed.generation),
     }
-    if current.get("observed"):
-        status["observed"] = current["observed"]
+    if judged.observed:
+        status["observed"] = judged.observed
     return Decision(
         status,
         apply=manifests,
         initial_replicas=winner.replicas_min if observed.serving is None else None,
         delete=list(observed.stale),
         plan=winner.label(),
+        events=judged.events,
     )
 
 
@@ -266,3 +275,127 @@ def availability_status(current: dict[str, Any], deployment: dict[str, Any] | No
     if current.get("phase") in ("Deploying", "Ready"):
         status["phase"] = "Ready" if available.status == "True" else "Deploying"
     return status
+
+
+class Planning:
+    """Plans this deployment, with the figures of a re-plan in place when there is one."""
+
+    def __init__(
+        self,
+        spec: InferenceDeploymentSpec,
+        profiles: list[Profile],
+        config: OperatorConfig,
+        unavailable: dict[str, Unavailable],
+    ) -> None:
+        self.spec, self.profiles, self.config, self.unavailable = spec, profiles, config, unavailable
+
+    def __call__(self, replan: dict[str, Any] | None) -> PlanResult:
+        spec, base = self.spec, self.config.plan_options
+        options = replace(base, unavailable={**base.unavailable, **self.unavailable})
+        if replan:
+            traffic = spec.traffic
+            average = replan.get("averageRps") or traffic.average_rps
+            peak = max(replan.get("peakRps") or traffic.effective_peak_rps(), average)
+            changes = {"average_rps": average, "peak_rps": peak}
+            spec = spec.model_copy(update={"traffic": traffic.model_copy(update=changes)})
+            if replan.get("cacheHitRate") is not None:
+                options = replace(options, observed_hit_rate=replan["cacheHitRate"])
+            if replan.get("maxUtilization"):
+                options = replace(options, max_utilization=replan["maxUtilization"])
+        with _PLANNING:
+            return plan_deployment(spec, self.profiles, self.config.prices, options, self.config.memo)
+
+
+def replan_in_place(observed: Observed) -> dict[str, Any] | None:
+    """The figures of the last re-plan on drift, while the spec is the one they were observed under."""
+    replan = (observed.status.get("observed") or {}).get("replan")
+    if replan and replan.get("generation") == observed.generation:
+        return replan
+    return None
+
+
+@dataclass
+class Judged:
+    """What the observation says, for _planned: status.observed, conditions, Events, the plan to apply."""
+
+    result: PlanResult
+    observed: dict[str, Any] | None = None
+    conditions: list[Cond] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    keeps_budget: bool = False
+    """No reading this time: the WithinBudget condition stays as the last reading judged it."""
+
+
+def judge_observation(observed: Observed, config: OperatorConfig, plan: Planning, result: PlanResult) -> Judged:
+    """Judge the plan in place on what Prometheus observed; plan again on drift, at most once a period."""
+    spec = plan.spec
+    previous = observed.status.get("observed") or None
+    in_place = observed.status.get("plan")
+    if not config.prometheus_url:
+        why = "the operator has no Prometheus to read (chart value observer.prometheusUrl)"
+        return Judged(result, previous, [Cond("Observed", "False", "NoPrometheus", why)])
+    if observed.observation_error is not None:
+        kept, cond = not_observed(observed.observation_error, previous)
+        return Judged(result, kept, [cond], keeps_budget=True)
+    itype = config.prices.get(in_place["instanceType"]) if in_place else None
+    if observed.observation is None or in_place is None or itype is None:  # not due, or nothing deployed yet
+        return Judged(result, previous, keeps_budget=previous is not None)
+    band = (min(result.hourly_rps, default=0.0), max(result.hourly_rps, default=0.0))
+    verdict = judge(spec, in_place, band, observed.observation, itype.on_demand_usd_per_hour, previous or {})
+    judged = Judged(result, verdict.observed, list(verdict.conditions))
+    drift = verdict.drift
+    if drift is None or not spec.observe.drift.enabled:
+        judged.conditions.append(Cond("Drift", "False", "NoDrift", "the observed figures are within what was planned"))
+        return judged
+    found = "; ".join(drift.reasons)
+    last = ((previous or {}).get("replan") or {}).get("at")
+    wait = spec.observe.drift.min_interval_seconds
+    if last and (observed.now - _time(last)).total_seconds() < wait:
+        message = f"{found}; not re-planned: the last re-plan was at {last}, less than {wait} s ago"
+        judged.conditions.append(Cond("Drift", "False", "DriftTooSoon", message))
+        return judged
+    replan = {**(replan_in_place(observed) or {}), **drift.replan}
+    replan |= {"at": _stamp(observed.now), "reason": found, "generation": observed.generation}
+    candidate = plan(replan)
+    current = _same_configuration(candidate, in_place)
+    new = candidate.winner
+    if new is None:
+        judged.conditions.append(Cond("Drift", "False", "DriftNoPlan", f"{found}; {candidate.infeasible}"))
+        return judged
+    was = f"${current.cost_per_million:.4f}/1M" if current and current.feasible else "infeasible"
+    gain = f"{in_place['instanceType']} {in_place['precision']} at the observed figures: {was}; "
+    gain += f"{new.label()}: ${new.cost_per_million:.4f}/1M"
+    worth = spec.observe.drift.min_savings
+    cheaper = current is None or not current.feasible or new.cost_per_million <= current.cost_per_million * (1 - worth)
+    if not (drift.sla_miss or cheaper):
+        message = f"{found}; not re-planned: saves less than {worth:.0%} ({gain})"
+        judged.conditions.append(Cond("Drift", "False", "DriftNoGain", message))
+        return judged
+    message = f"re-planned: {found} ({gain})"
+    judged.result = candidate
+    judged.observed = {**verdict.observed, "replan": replan}
+    judged.conditions.append(Cond("Drift", "True", "Replanned", message))
+    judged.events.append(("Replanned", message, "Normal"))
+    return judged
+
+
+def _same_configuration(result: PlanResult, plan: dict[str, Any]) -> Candidate | None:
+    """The plan in place (status.plan's shape) among ``result``'s candidates, priced at its figures."""
+    batch, wait = plan.get("maxBatchSize") or 1, plan.get("maxWaitMs") or 0.0
+    for c in result.candidates:
+        same_wait = c.policy.max_batch == 1 or c.policy.max_wait_ms == wait
+        if (c.instance_type, c.variant, c.policy.max_batch) == (
+            plan["instanceType"],
+            plan["precision"],
+            batch,
+        ) and same_wait:
+            return c
+    return None
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _stamp(when: datetime) -> str:
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -9,6 +9,7 @@ keeps no kopf fields).
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -19,6 +20,7 @@ from kubernetes.client.rest import ApiException
 from leanserve.api.resource import GROUP, PLURAL, VERSION
 from leanserve.controller import kube
 from leanserve.controller.config import OperatorConfig
+from leanserve.controller.observe import parse_spec, reading_due
 from leanserve.controller.reconcile import reconcile, refresh_availability
 
 log = logging.getLogger("leanserve.operator")
@@ -161,6 +163,22 @@ def deploying(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 def serving(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Once serving, check the Deployment every minute: lost replicas show as Available False."""
     _refresh(body, memo)
+
+
+#: How often each serving InferenceDeployment is asked whether a reading is due (its spec.observe
+#: intervalSeconds decides; the tick only bounds how late a reading can be).
+OBSERVE_TICK_S = 10
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OBSERVE_TICK_S, initial_delay=OBSERVE_TICK_S, when=_serving)
+def observing(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """When a reading from Prometheus is due, reconcile: the reading is judged against the plan in place,
+    and drift may plan again. Nothing without a Prometheus: Observed=False says so once."""
+    plain = _plain(body)
+    spec, _invalid = parse_spec(plain)
+    if memo.config.prometheus_url and spec is not None and reading_due(plain, spec, datetime.now(UTC)):
+        reconcile(memo.api, plain, memo.config)
+        _release_freed_memory()
 
 
 def _release_freed_memory() -> None:

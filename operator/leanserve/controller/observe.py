@@ -20,6 +20,7 @@ from leanserve.api.validation import errors_from_validation
 from leanserve.controller import builders, kube, profile_store
 from leanserve.controller.builders import Owner
 from leanserve.controller.config import OperatorConfig
+from leanserve.observer import Observation, ObserverUnavailable, observe_deployment
 from leanserve_serving.profile import Profile
 
 #: The label the Job controller puts on a Job's pods.
@@ -51,6 +52,10 @@ class Observed:
     """The serving Deployment, None when it does not exist."""
     stale: list[dict[str, Any]] = field(default_factory=list)
     """Objects this deployment owns that its spec no longer wants (the managed Redis after the cache moved)."""
+    observation: Observation | None = None
+    """What Prometheus said the deployment did, when a reading was due and Prometheus answered."""
+    observation_error: str | None = None
+    """Why Prometheus could not say, when a reading was due."""
 
     @property
     def generation(self) -> int | None:
@@ -72,6 +77,18 @@ def parse_spec(body: dict[str, Any]) -> tuple[InferenceDeploymentSpec | None, li
         return InferenceDeploymentSpec.model_validate(body.get("spec") or {}), []
     except ValidationError as exc:
         return None, ["spec." + e.format() for e in errors_from_validation(exc, body.get("spec"))]
+
+
+def reading_due(body: dict[str, Any], spec: InferenceDeploymentSpec, now: datetime) -> bool:
+    """A plan is deployed and the last reading is older than spec.observe.intervalSeconds (or there is none)."""
+    status = body.get("status") or {}
+    if not status.get("plan"):
+        return False
+    last = (status.get("observed") or {}).get("updatedAt")
+    if not last:
+        return True
+    when = datetime.fromisoformat(str(last).replace("Z", "+00:00"))
+    return (now - when).total_seconds() >= spec.observe.interval_seconds
 
 
 def observe(api: ApiClient, body: dict[str, Any], config: OperatorConfig, now: datetime | None = None) -> Observed:
@@ -98,10 +115,20 @@ def observe(api: ApiClient, body: dict[str, Any], config: OperatorConfig, now: d
             current = kube.get(api, obj)
             if current is not None and kube.controlled_by(current, owner.uid):
                 stale.append(obj)
+    observation, observation_error = None, None
+    if config.prometheus_url and reading_due(body, spec, now):
+        try:
+            observation = observe_deployment(
+                config.prometheus_url, owner.namespace, owner.name, spec.observe.window_seconds, now=now
+            )
+        except ObserverUnavailable as exc:
+            observation_error = exc.reason
     return Observed(
         body=body,
         owner=owner,
         now=now,
+        observation=observation,
+        observation_error=observation_error,
         spec=spec,
         key=key,
         profiles=profiles,

@@ -24,6 +24,8 @@ import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
+from leanserve.observer.client import ObserverUnavailable
+
 #: Prometheus refuses a range query of more points than this per series.
 MAX_POINTS = 11_000
 #: A rate needs two scrapes in its window; below a minute that is not sure with the usual 15-30 s scrapes.
@@ -31,10 +33,6 @@ MIN_STEP_S = 60
 
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
-class ObserverUnavailable(Exception):  # noqa: N818  (the state it reports, as the operator speaks of it)
-    """Prometheus could not say: unreachable, too slow, an error status or an answer that is not one."""
 
 
 def request_rate_query(namespace: str, name: str, window_s: int) -> str:

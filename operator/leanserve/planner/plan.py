@@ -31,12 +31,16 @@ AUTO_POLICIES: tuple[Policy, ...] = (
 PRECISION_OF = {"fp32": "fp32", "int8-dynamic": "int8", "int8-static": "int8", "fp16": "fp16"}
 
 
+#: The utilization PlanOptions.front_door_rps was calibrated at (its default max_utilization).
+CALIBRATED_UTILIZATION = 0.8
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     overhead_ms: float = 1.0
     """Per-request time outside the model (HTTP, JSON, queueing in the sidecar), added to predictions for
     profiles whose bench did not run the serving stack (those that did carry the measured figures)."""
-    max_utilization: float = 0.8
+    max_utilization: float = CALIBRATED_UTILIZATION
     front_door_rps: float = 1500.0
     """Ceiling of one replica's sidecar (HTTP + JSON in one Python process), whatever the model's speed, for
     profiles without a stack run (a stack run measures the ceiling with the rest).
@@ -332,7 +336,10 @@ def _simulate(
         requests=options.requests,
     )
     # The front door's ceiling is inside curves measured through the stack; the others get the constant.
-    ceiling = np.array([np.inf if c.measured_stack else options.front_door_rps for c in curves])
+    # The constant was calibrated for the default utilization: a replica planned to run cooler (after SLA
+    # misses) gets a lower ceiling in proportion.
+    door = options.front_door_rps * options.max_utilization / CALIBRATED_UTILIZATION
+    ceiling = np.array([np.inf if c.measured_stack else door for c in curves])
     capacity = np.minimum(capacity, ceiling)
     # The latency predicted at the rate each replica is planned to carry (a trickle where none is possible).
     probe = np.where(capacity > 0, capacity, 1e-3)
