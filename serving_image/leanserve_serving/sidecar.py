@@ -57,7 +57,13 @@ from leanserve_serving.tensors import (
 
 log = logging.getLogger("leanserve.sidecar")
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+#: Request and upstream latency buckets, seconds: 1, 1.5, 2, 3, 4, 5, 6 and 8 of each decade from 0.5 ms
+#: to 10 s (a bucket at most half as wide as its lower edge). The observer reads p50/p95/p99 with
+#: histogram_quantile, which interpolates inside a bucket: with the steps before (5 ms, then 10 ms), a
+#: p95 of 8.6 ms read as 9.7 ms (+13 %).
+LATENCY_BUCKETS = tuple(
+    round(m * 10.0**e, 6) for e in range(-4, 2) for m in (1, 1.5, 2, 3, 4, 5, 6, 8) if 0.0005 <= m * 10.0**e <= 10
+)
 
 #: The batcher's errors as HTTP statuses: the batcher knows no transport, the sidecar chooses here.
 BATCH_ERROR_STATUS: dict[type[BatchError], int] = {
