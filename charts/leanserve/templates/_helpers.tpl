@@ -67,3 +67,36 @@ app.kubernetes.io/component: operator
 {{/* Where the price table's ConfigMap is mounted in the operator pod, and the file LEANSERVE_PRICES names. */}}
 {{- define "leanserve.pricesDir" -}}/etc/leanserve/prices{{- end -}}
 {{- define "leanserve.pricesFile" -}}{{ include "leanserve.pricesDir" . }}/prices.yaml{{- end -}}
+
+{{/* Monitoring of the serving pods (monitoring.yaml, scrape-config.yaml, dashboards.yaml). */}}
+{{- define "leanserve.monitorName" -}}
+{{- printf "%s-serving" (include "leanserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "leanserve.scrapeConfigName" -}}
+{{- printf "%s-scrape-config" (include "leanserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "leanserve.dashboardsName" -}}
+{{- printf "%s-dashboards" (include "leanserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The labels the operator puts on every serving pod and Service it creates
+(leanserve.controller.builders.labels: MANAGED_BY and component "serving"); the managed Redis
+(component "cache") and the profiling Jobs are left out. */}}
+{{- define "leanserve.servingSelectorLabels" -}}
+app.kubernetes.io/managed-by: leanserve
+app.kubernetes.io/component: serving
+{{- end -}}
+
+{{/* The labels every scraped series gets, in the Prometheus Operator's spelling (RelabelConfig); the
+plain scrape config (scrape-config.yaml) writes the same rules in Prometheus's. The operator's observer
+selects a deployment's series by namespace and inferencedeployment (leanserve.observer.queries). */}}
+{{- define "leanserve.monitorRelabelings" -}}
+- sourceLabels: [__meta_kubernetes_namespace]
+  targetLabel: namespace
+- sourceLabels: [__meta_kubernetes_pod_name]
+  targetLabel: pod
+- sourceLabels: [__meta_kubernetes_pod_label_leanserve_dev_inferencedeployment]
+  targetLabel: inferencedeployment
+{{- end -}}
