@@ -1083,3 +1083,12 @@ def test_the_readme_prints_the_scrape_job_the_chart_renders(helm, tmp_path):
     start = readme.index("```yaml\n# scrape-configs.yaml")
     block = readme[start + len("```yaml\n") : readme.index("```", start + 3)]
     assert yaml.safe_load(block)["scrape_configs"] == [scrape_job(helm, tmp_path)]
+
+
+def test_the_observers_prometheus_reaches_the_operator_and_is_checked(helm, tmp_path):
+    unset = env_of(container(operator_pod(render(helm, tmp_path))))
+    assert "LEANSERVE_PROMETHEUS_URL" not in unset  # nothing observed: the operator says Observed=False
+    url = "http://prometheus-server.monitoring.svc:9090"
+    c = container(operator_pod(render(helm, tmp_path, {"observer": {"prometheusUrl": url}})))
+    assert env_of(c)["LEANSERVE_PROMETHEUS_URL"] == url
+    assert "observer/prometheusUrl" in refusal(helm, tmp_path, {"observer": {"prometheusUrl": "ftp://prometheus"}})
