@@ -87,6 +87,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     from leanserve.demo import run_demo
 
-    figures = run_demo(args.work, lambda line: console.print(line, highlight=False), args.load_seconds)
+    figures = run_demo(args.work, lambda line: console.print(line, highlight=False, markup=False), args.load_seconds)
     print(json.dumps({"examples_valid": len(files), **figures}))
     return 0
