@@ -359,3 +359,58 @@ def test_three_sla_misses_in_a_row_replan_with_more_headroom():
     assert drift["reason"] == "Replanned" and "3 windows in a row" in drift["message"]
     assert d.status["observed"]["replan"]["maxUtilization"] == pytest.approx(0.64)
     assert d.status["plan"]["capacityRpsPerReplica"] < doc["status"]["plan"]["capacityRpsPerReplica"]
+
+
+def daily_peak_history(days: int = 3) -> list[tuple[datetime, float]]:
+    """Hourly request rates: 100 req/s, 2400 at 14:00 UTC every day, up to NOW."""
+    start = NOW - timedelta(days=days)
+    return [
+        (start + timedelta(hours=h), 2400.0 if (start + timedelta(hours=h)).hour == 14 else 100.0)
+        for h in range(days * 24)
+    ]
+
+
+def at(doc: dict[str, Any], when: datetime, **fields: Any) -> Observed:
+    spec = parse_spec(doc)[0]
+    return Observed(body=doc, owner=owner_of(doc), now=when, spec=spec, key=model_key(spec.model), **fields)
+
+
+def hpa_min(decision: Any) -> int:
+    return next(o for o in decision.apply if o["kind"] == "HorizontalPodAutoscaler")["spec"]["minReplicas"]
+
+
+def test_the_predictive_warm_pool_raises_min_replicas_a_cold_start_before_the_daily_peak():
+    doc = deployed(body(autoscaling={"warmPool": 1}))
+    history = daily_peak_history()
+    seen = {"profiles": cached(), "serving": serving(1), "history": history}
+    quiet = decide(at(doc, NOW.replace(hour=13, minute=50), observation=reading(doc, rps=100), **seen), PROMETHEUS)
+    ahead = decide(
+        at(doc, NOW.replace(hour=13, minute=59, second=30), observation=reading(doc, rps=100), **seen), PROMETHEUS
+    )
+    after = decide(at(doc, NOW.replace(hour=15, minute=1), observation=reading(doc, rps=100), **seen), PROMETHEUS)
+    hpa = {name: hpa_min(d) for name, d in (("quiet", quiet), ("ahead", ahead), ("after", after))}
+    assert hpa["quiet"] == 1 and hpa["after"] == 1
+    assert hpa["ahead"] > 1 and ahead.status["plan"]["replicas"]["min"] == hpa["ahead"]
+    pool = ahead.status["observed"]["warmPool"]
+    assert pool["basis"] == "hour-of-day" and pool["minReplicas"] == hpa["ahead"] and pool["coldStartSeconds"] == 60.0
+
+
+def test_without_a_new_history_the_last_warm_pool_stands():
+    doc = deployed(body(autoscaling={"warmPool": 1}))
+    seen = {"profiles": cached(), "serving": serving(1)}
+    raised = decide(
+        at(
+            doc,
+            NOW.replace(hour=13, minute=59, second=30),
+            observation=reading(doc, rps=100),
+            history=daily_peak_history(),
+            **seen,
+        ),
+        PROMETHEUS,
+    )
+    nxt = {**doc, "status": raised.status}
+    down = decide(
+        at(nxt, NOW.replace(hour=14, minute=0, second=30), observation_error="connection refused", **seen), PROMETHEUS
+    )
+    floor = raised.status["observed"]["warmPool"]["minReplicas"]
+    assert floor > 1 and down.status["plan"]["replicas"]["min"] == floor

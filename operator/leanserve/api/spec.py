@@ -295,6 +295,9 @@ class AutoscalingSpec(ApiModel):
     """Upper bound of the HPA. Default: what the budget allows, or the peak sizing."""
     scale_down_stabilization_seconds: int = Field(default=300, ge=0, le=3600)
     """How long load must stay low before replicas are removed."""
+    predictive_warm_pool: bool = True
+    """With a Prometheus to read: raise minReplicas ahead of the hours the request-rate history says
+    are busy (by the measured cold start), and lower it after. Never below warmPool."""
     target_cpu_utilization: int = Field(default=70, ge=10, le=95)
     """When the HPA scales on CPU (no custom metrics API serves the request rate): the utilization of
     each serving container's CPU request it keeps. Lower scales out earlier: more headroom, more cost."""

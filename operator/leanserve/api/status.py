@@ -130,6 +130,19 @@ class Replan(ApiModel):
     """The share of its capacity each replica is planned to carry, lowered after SLA misses."""
 
 
+class WarmPoolStatus(ApiModel):
+    """The predictive warm pool: minReplicas raised ahead of the hours the history says are busy."""
+
+    basis: str
+    """warm-pool (under a day of history), hour-of-day, or hour-of-week (two weeks or more)."""
+    min_replicas: int = Field(ge=0)
+    """What the schedule asks for now (the HPA's minReplicas is the larger of this and the plan's)."""
+    cold_start_seconds: float | None = Field(default=None, ge=0)
+    """Pod created -> Ready, measured on this deployment's pods: how early each raise comes."""
+    reason: str = ""
+    at: datetime | None = None
+
+
 class ObservedStatus(ApiModel):
     """What Prometheus says the deployment actually does, beside what the plan predicted."""
 
@@ -155,6 +168,7 @@ class ObservedStatus(ApiModel):
     sla_miss_streak: int = Field(default=0, ge=0)
     """Consecutive observations whose latency missed the SLA."""
     replan: Replan | None = None
+    warm_pool: WarmPoolStatus | None = None
 
 
 class ProfilingRow(ApiModel):

@@ -23,6 +23,8 @@ from leanserve.controller.observe import Observed
 from leanserve.planner.plan import Candidate, PlanResult, plan_deployment
 from leanserve.planner.status import candidate_rows, plan_status, savings_rows
 from leanserve.planner.unavailable import Unavailable
+from leanserve.planner.warm_pool import cold_start_seconds, min_replicas_at
+from leanserve.planner.warm_pool import schedule as warm_pool_schedule
 from leanserve_serving.profile import Profile
 
 #: Rows of the ranked table kept in status (every InferenceDeployment's status is held by watchers: keep it small).
@@ -178,6 +180,10 @@ def _planned(
     assert winner is not None
     itype = config.prices.get(winner.instance_type)
     assert itype is not None  # the planner only picks priced types
+    floor, warm_pool = predicted_floor(observed, spec, winner)
+    if floor > winner.replicas_min:
+        winner = replace(winner, replicas_min=floor)
+        result = replace(result, winner=winner)
     manifests = builders.render_all(observed.owner, spec, winner, itype, config.build)
     done = [f"{m['kind']}/{m['metadata']['name']}" for m in manifests]
     done += [f"deleted {m['kind']}/{m['metadata']['name']}" for m in observed.stale]
@@ -206,7 +212,7 @@ def _planned(
         "conditions": merge(current.get("conditions") or [], conds, observed.generation),
     }
     if judged.observed:
-        status["observed"] = judged.observed
+        status["observed"] = judged.observed | ({"warmPool": warm_pool} if warm_pool else {})
     return Decision(
         status,
         apply=manifests,
@@ -399,3 +405,39 @@ def _time(value: str) -> datetime:
 
 def _stamp(when: datetime) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+#: The cold start assumed before one is measured on the deployment's own pods.
+DEFAULT_COLD_START_S = 60.0
+
+
+def predicted_floor(observed: Observed, spec: InferenceDeploymentSpec, winner: Candidate) -> tuple[int, dict | None]:
+    """minReplicas the predictive warm pool asks for now, and status.observed.warmPool.
+
+    From this reading's two-week history when there is one (the schedule is made again each reading);
+    else the last schedule's figure stands (Prometheus down keeps the pool as it was).
+    """
+    previous = (observed.status.get("observed") or {}).get("warmPool")
+    if not spec.autoscaling.predictive_warm_pool:
+        return winner.replicas_min, None
+    if observed.history is not None:
+        cold = cold_start_seconds(observed.serving_pods) or DEFAULT_COLD_START_S
+        plan = warm_pool_schedule(
+            observed.history,
+            winner.capacity_rps,
+            warm_pool=winner.replicas_min,
+            max_replicas=winner.replicas_max,
+            cold_start_s=cold,
+        )
+        floor = min_replicas_at(plan, observed.now)
+        doc = {
+            "basis": plan.basis,
+            "minReplicas": floor,
+            "coldStartSeconds": round(cold, 1),
+            "reason": plan.reason,
+            "at": _stamp(observed.now),
+        }
+        return min(max(floor, winner.replicas_min), winner.replicas_max), doc
+    if previous:
+        return min(max(int(previous["minReplicas"]), winner.replicas_min), winner.replicas_max), previous
+    return winner.replicas_min, None

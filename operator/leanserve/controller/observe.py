@@ -21,8 +21,11 @@ from leanserve.controller import builders, kube, profile_store
 from leanserve.controller.builders import Owner
 from leanserve.controller.config import OperatorConfig
 from leanserve.observer import Observation, ObserverUnavailable, observe_deployment
+from leanserve.observer.history import request_rate_history
 from leanserve_serving.profile import Profile
 
+#: How much request-rate history the predictive warm pool reads (two weeks: hour of the week).
+HISTORY_DAYS = 14
 #: The label the Job controller puts on a Job's pods.
 JOB_NAME_LABEL = "job-name"
 
@@ -56,6 +59,10 @@ class Observed:
     """What Prometheus said the deployment did, when a reading was due and Prometheus answered."""
     observation_error: str | None = None
     """Why Prometheus could not say, when a reading was due."""
+    history: list[tuple[datetime, float]] | None = None
+    """The request rate, hourly, over the last two weeks (the predictive warm pool learns from it)."""
+    serving_pods: list[dict[str, Any]] = field(default_factory=list)
+    """The serving pods, when a reading was taken (their start times give the cold start)."""
 
     @property
     def generation(self) -> int | None:
@@ -123,12 +130,24 @@ def observe(api: ApiClient, body: dict[str, Any], config: OperatorConfig, now: d
             )
         except ObserverUnavailable as exc:
             observation_error = exc.reason
+    history, serving_pods = None, []
+    if observation is not None:
+        try:
+            history = request_rate_history(
+                config.prometheus_url, owner.namespace, owner.name, days=HISTORY_DAYS, step_s=3600, now=now
+            )
+        except ObserverUnavailable:
+            history = None  # the figures were read: the warm pool keeps its last schedule
+        selector = f"{builders.OWNER_LABEL}={owner.name},app.kubernetes.io/component=serving"
+        serving_pods = kube.list_objects(api, "v1", "Pod", owner.namespace, selector)
     return Observed(
         body=body,
         owner=owner,
         now=now,
         observation=observation,
         observation_error=observation_error,
+        history=history,
+        serving_pods=serving_pods,
         spec=spec,
         key=key,
         profiles=profiles,
