@@ -7,6 +7,7 @@ this machine. Needs root, buildah, debootstrap, containerd and runc (`make test`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -16,7 +17,7 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,10 @@ def test_the_manifest_names_each_archive_with_its_digest_and_size(images):
     assert images["serving"]["size_bytes"] < 320e6
     assert images["serving-gpu"]["size_bytes"] < 3.2e9
     assert images["redis"]["size_bytes"] < 25e6
+    assert images["prometheus"]["size_bytes"] < 100e6
 
 
-@pytest.mark.parametrize("name", ["serving", "operator", "serving-gpu", "redis"])
+@pytest.mark.parametrize("name", ["serving", "operator", "serving-gpu", "redis", "prometheus"])
 def test_images_run_as_uid_10001_with_the_oci_labels(images, name):
     config = image_config(REPO / images[name]["archive"])
     assert config["config"]["User"] == f"{UID}:{UID}"
@@ -506,3 +508,244 @@ def test_the_redis_image_runs_on_a_read_only_root_with_no_mount_and_no_args(cont
             client.save()
     finally:
         containerd.remove("redis-bare")
+
+
+# ---- the Prometheus image: the kind cluster's, which the operator's observer reads --------------
+
+KIND_PROMETHEUS = REPO / "hack" / "kind" / "manifests" / "prometheus.yaml"
+
+
+def _image_files(archive: Path) -> dict[str, tarfile.TarInfo]:
+    """Every file of an image archive's layers, by path."""
+    with image_build.open_archive(archive) as (_, manifest, blob):
+        files = {}
+        for layer in manifest["layers"]:
+            with tarfile.open(fileobj=blob(layer["digest"]), mode="r|*") as tar:
+                files.update({m.name.removeprefix("./"): m for m in tar})
+    return files
+
+
+def _prometheus_command(images: dict[str, Any], port: int, args: Sequence[str] = ()) -> list[str]:
+    """The image's entrypoint as a pod runs it, then the pod's args; listening on a loopback port
+    here (ctr replaces the whole command, and Prometheus refuses a flag given twice)."""
+    entrypoint = image_config(REPO / images["prometheus"]["archive"])["config"]["Entrypoint"]
+    assert "--web.listen-address=:9090" in entrypoint
+    return [
+        a if a != "--web.listen-address=:9090" else f"--web.listen-address=127.0.0.1:{port}" for a in entrypoint
+    ] + [*args]
+
+
+def _prometheus_api(port: int, path: str) -> Any:
+    code, body = get(f"http://127.0.0.1:{port}/api/v1/{path}")
+    assert code == 200 and body["status"] == "success", body
+    return body["data"]
+
+
+def _config_dir(tmp_path: Path, config: dict[str, Any]) -> Path:
+    """A folder with prometheus.yml, mounted read-only at /etc/prometheus as the pod's ConfigMap is."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    world_readable(folder / "prometheus.yml")
+    return world_readable(folder)
+
+
+def _wait_for(what: str, probe: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def test_the_prometheus_image_is_one_static_prometheus(images):
+    entry = images["prometheus"]
+    assert entry["ref"] == f"ghcr.io/leanserve/prometheus:{entry['tag']}"
+    assert image_build.archive_facts(REPO / entry["archive"]) == (entry["digest"], entry["size_bytes"])
+    config = image_config(REPO / entry["archive"])["config"]
+    assert config["Entrypoint"] == [
+        "prometheus",
+        "--config.file=/etc/prometheus/prometheus.yml",
+        "--storage.tsdb.path=/prometheus",
+        "--web.listen-address=:9090",
+    ]
+    assert config["ExposedPorts"] == {"9090/tcp": {}} and config["WorkingDir"] == "/prometheus"
+    assert config["User"] == f"{UID}:{UID}"
+    files = _image_files(REPO / entry["archive"])
+    # Statically linked: no shared library, no loader; nothing else runs (no shell, no promtool).
+    assert sorted(n for n, m in files.items() if m.isfile() and m.mode & 0o111) == ["usr/bin/prometheus"]
+    assert not [n for n in files if ".so" in n.rsplit("/", 1)[-1]]
+    tools = {"sh", "bash", "dash", "apt", "apt-get", "dpkg", "perl", "promtool"}
+    assert not [n for n, m in files.items() if not m.isdir() and n.rsplit("/", 1)[-1] in tools]
+    assert {
+        "etc/prometheus/prometheus.yml",
+        "usr/share/doc/prometheus/LICENSE",
+        "usr/share/doc/prometheus/NOTICE",
+    } <= set(files)
+    assert (files["prometheus"].uid, files["prometheus"].gid) == (UID, UID)
+
+
+def test_the_prometheus_image_scrapes_read_only_as_uid_10001_into_its_mount(containerd, images, tmp_path):
+    port = free_port()
+    storage = _writable_volume(tmp_path)  # the pod's emptyDir at /prometheus
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "self", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}],
+    }
+    proc = containerd.start_container(
+        images["prometheus"]["ref"],
+        "prometheus-pod",
+        _prometheus_command(images, port),
+        mounts=[(str(_config_dir(tmp_path, config)), "/etc/prometheus", True), (str(storage), "/prometheus", False)],
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", proc=proc)
+        status = Path(f"/proc/{containerd.task_pid('prometheus-pod')}/status").read_text()
+        assert re.search(rf"^Uid:\s+{UID}\s+{UID}", status, re.M), status
+        version = _prometheus_api(port, "status/buildinfo")["version"]
+        assert version.startswith("3."), version  # Kubernetes discovery: not Debian's 2.42 (prometheus_image/)
+        up = _wait_for("the self-scrape", lambda: _prometheus_api(port, "query?query=up%3D%3D1")["result"])  # up == 1
+        assert up[0]["metric"]["job"] == "self"
+        flags = _prometheus_api(port, "status/flags")
+        assert flags["storage.tsdb.path"] == "/prometheus" and flags["config.file"] == "/etc/prometheus/prometheus.yml"
+        assert (storage / "wal").is_dir()  # the TSDB is on the mount, the only place it writes
+    finally:
+        containerd.remove("prometheus-pod")
+
+
+def test_the_prometheus_image_without_its_mount_stops_on_the_read_only_root(containerd, images):
+    res = containerd.run(
+        images["prometheus"]["ref"], "prometheus-bare", _prometheus_command(images, free_port()), timeout=60
+    )
+    assert res.code != 0, res.out
+    assert "read-only file system" in res.out, res.out
+
+
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    """A serving pod's sidecar as Prometheus sees it: /metrics in the text format."""
+
+    def do_GET(self) -> None:
+        body = b'# TYPE leanserve_requests_total counter\nleanserve_requests_total{code="200"} 7\n'
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.cluster
+def test_the_kind_prometheus_finds_a_serving_pod_as_its_manifests_service_account(
+    containerd, images, kube, namespace, tmp_path
+):
+    """The manifest's configuration in the image, against the test API server, with nothing but the
+    manifest's ClusterRole: a pod of the operator's serving Deployment is discovered, one target, its
+    series labelled namespace, pod and inferencedeployment.
+
+    No kubelet runs there: the pod stays unscheduled (no scheduler serves its schedulerName, so kwok
+    never gives it an address of its own pod network) and the test writes its status as a kubelet
+    would, with a loopback address where a stand-in sidecar serves /metrics. The one change to the
+    job: discovery is limited to the test's namespace, since other tests' serving pods have kwok's
+    addresses, which are nowhere on this machine (Prometheus would try to scrape them)."""
+    from kubernetes import client, utils
+
+    from tests.test_chart import serving_objects
+
+    docs = [d for d in yaml.safe_load_all(KIND_PROMETHEUS.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    # The ServiceAccount in the test's namespace; the cluster-wide role and binding under names of
+    # this test's own.
+    account = by_kind["ServiceAccount"]
+    account["metadata"]["namespace"] = namespace
+    role, binding = by_kind["ClusterRole"], by_kind["ClusterRoleBinding"]
+    role["metadata"]["name"] = binding["metadata"]["name"] = binding["roleRef"]["name"] = f"{namespace}-prometheus"
+    binding["subjects"][0]["namespace"] = namespace
+    rbac = client.RbacAuthorizationV1Api(kube)
+    core = client.CoreV1Api(kube)
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    try:
+        for doc in (account, role, binding):
+            utils.create_from_dict(kube, doc, namespace=namespace)
+        token = core.create_namespaced_service_account_token(
+            account["metadata"]["name"], namespace, {"spec": {"expirationSeconds": 3600}}
+        ).status.token
+        # What the kubelet mounts in every pod, and the API server's address as its Service gives it.
+        secrets = tmp_path / "serviceaccount"
+        secrets.mkdir()
+        (secrets / "token").write_text(token)
+        (secrets / "ca.crt").write_bytes(Path(kube.configuration.ssl_ca_cert).read_bytes())
+        (secrets / "namespace").write_text(namespace)
+        for f in secrets.iterdir():
+            world_readable(f)
+        host, api_port = kube.configuration.host.removeprefix("https://").rsplit(":", 1)
+
+        # One serving pod as the operator renders it, its sidecar's port the stand-in's.
+        sidecar_port = metrics.server_address[1]
+        template = serving_objects()["serving"]["spec"]["template"]
+        template["metadata"]["annotations"]["prometheus.io/port"] = str(sidecar_port)
+        (sidecar,) = [c for c in template["spec"]["containers"] if c["name"] == "sidecar"]
+        (http_port,) = sidecar["ports"]
+        http_port["containerPort"] = sidecar_port
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {**template["metadata"], "name": "fraud-5d8c7-a1b2c", "namespace": namespace},
+            "spec": {**template["spec"], "schedulerName": "leanserve-test-unscheduled"},
+        }
+        core.create_namespaced_pod(namespace, pod)
+        core.patch_namespaced_pod_status(
+            pod["metadata"]["name"],
+            namespace,
+            {"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}},
+        )
+
+        config = yaml.safe_load(by_kind["ConfigMap"]["data"]["prometheus.yml"])
+        (job,) = config["scrape_configs"]
+        assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+        job["kubernetes_sd_configs"][0]["namespaces"] = {"names": [namespace]}
+        port = free_port()
+        deployment = by_kind["Deployment"]["spec"]["template"]["spec"]
+        proc = containerd.start_container(
+            images["prometheus"]["ref"],
+            "kind-prometheus",
+            _prometheus_command(images, port, deployment["containers"][0].get("args", [])),
+            env={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": api_port},
+            mounts=[
+                (str(_config_dir(tmp_path, config)), "/etc/prometheus", True),
+                (str(_writable_volume(tmp_path)), "/prometheus", False),
+                (str(world_readable(secrets)), "/var/run/secrets/kubernetes.io/serviceaccount", True),
+            ],
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/-/ready", proc=proc)
+            found = _wait_for(
+                "leanserve_requests_total from the discovered pod",
+                lambda: _prometheus_api(port, "query?query=leanserve_requests_total")["result"],
+            )
+            (series,) = found
+            assert series["metric"] == {
+                "__name__": "leanserve_requests_total",
+                "code": "200",
+                "instance": f"127.0.0.1:{sidecar_port}",
+                "job": "leanserve-serving",
+                "namespace": namespace,
+                "pod": "fraud-5d8c7-a1b2c",
+                "inferencedeployment": "fraud",
+            }
+            assert series["value"][1] == "7"
+            # One target for the pod: the sidecar's port, not the model server's, not the init container.
+            targets = _prometheus_api(port, "targets?state=active")["activeTargets"]
+            assert [t["labels"]["pod"] for t in targets] == ["fraud-5d8c7-a1b2c"]
+        finally:
+            containerd.remove("kind-prometheus")
+    finally:
+        metrics.shutdown()
+        metrics.server_close()
+        for delete, name in ((rbac.delete_cluster_role_binding, binding), (rbac.delete_cluster_role, role)):
+            with contextlib.suppress(client.ApiException):  # not there when its creation failed
+                delete(name["metadata"]["name"])

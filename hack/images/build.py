@@ -5,16 +5,18 @@ Each image is its Dockerfile, built by ``buildah bud`` over two bases made here 
 packages (``rootfs.sh``: debootstrap of bookworm) and a context whose ``wheels/`` folder holds
 the pinned wheels of requirements/constraints.txt and leanserve's own wheel. The Redis image
 (the managed response cache) has no wheels: its context is its own folder, redis_image/, and
-its build stage installs Debian's redis-server on the build base. The results are OCI archives
+its build stage installs Debian's redis-server on the build base. Nor has the Prometheus image
+(the kind cluster's, which the observer reads): prometheus_image/build-context.sh makes its
+context, a static prometheus built from the Go module proxy. The results are OCI archives
 under .cache/images/ and a manifest (name, tag, digest, size) beside them.
 
 Everything is rebuilt only when its inputs change: the bases when their recipe does, the
 wheelhouse when the pins or the extras do, an image when its Dockerfile, its bases, its wheels
-or leanserve's sources do (the Redis image: its Dockerfile, its folder and its bases).
+or leanserve's sources do (the Redis and Prometheus images: their Dockerfile, folder and bases).
 buildah keeps its images in a storage of its own under .cache/images/storage (never the
 machine's), so nothing here touches other containers.
 
-    build.py [--images serving,operator,serving-gpu,redis] [--force]   # prints the manifest's path last
+    build.py [--images serving,operator,serving-gpu,redis,prometheus] [--force]   # prints the manifest's path last
 
 Needs root, buildah and debootstrap (scripts/install-system-deps.sh --with-images installs them).
 """
@@ -66,6 +68,9 @@ class ImageSpec:
     build_args: tuple[tuple[str, str], ...] = ()
     #: The context of an image without wheels: a folder of the repository, used as it is.
     context: str = ""
+    #: A script that makes the context instead (`bash SCRIPT DIR`), from the context folder's
+    #: files (its pins): what the image is built from besides them comes from the script.
+    prepare: str = ""
 
     def input_paths(self) -> list[Path]:
         """What the image is built from, besides its bases and build.py."""
@@ -93,6 +98,13 @@ IMAGES = {
         (("EXTRAS", "gpu,semantic"), ("TITLE", "leanserve-serving-gpu")),
     ),
     "redis": ImageSpec("redis", "redis_image/Dockerfile", (), context="redis_image"),
+    "prometheus": ImageSpec(
+        "prometheus",
+        "prometheus_image/Dockerfile",
+        (),
+        context="prometheus_image",
+        prepare="prometheus_image/build-context.sh",
+    ),
 }
 
 
@@ -256,7 +268,8 @@ def git_revision() -> str:
     """The commit the sources are at, with -dirty when the image's inputs differ from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        paths = [*SOURCES, "requirements", "hack/images", "serving_image", "operator/Dockerfile", "redis_image"]
+        paths = [*SOURCES, "requirements", "hack/images", "serving_image", "operator/Dockerfile"]
+        paths += ["redis_image", "prometheus_image"]
         dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=REPO, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -305,6 +318,16 @@ def wheel_context(spec: ImageSpec, build_ref: str, python_version: str) -> Path:
     return ctx
 
 
+def prepared_context(spec: ImageSpec) -> Path:
+    """A build context made by the image's own script (a program compiled here, for example)."""
+    ctx = CACHE / "context" / spec.name
+    shutil.rmtree(ctx, ignore_errors=True)
+    res = subprocess.run(["bash", str(REPO / spec.prepare), str(ctx)])
+    if res.returncode != 0:
+        raise SystemExit(f"error: {spec.prepare} failed (exit {res.returncode}); its output above")
+    return ctx
+
+
 def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, force: bool, old: dict) -> dict:
     """Build one image unless an archive built from the same inputs exists; return its manifest entry."""
     build_ref, runtime_ref, python_version = bases
@@ -317,7 +340,10 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
         log(f"{ref}: cached ({old['size_mb']} MB, built in {old['build_seconds']} s)")
         return old
     start = time.monotonic()
-    ctx = REPO / spec.context if spec.context else wheel_context(spec, build_ref, python_version)
+    if spec.prepare:
+        ctx = prepared_context(spec)
+    else:
+        ctx = REPO / spec.context if spec.context else wheel_context(spec, build_ref, python_version)
     revision = git_revision()
     log(f"{ref}: building ...")
     build_args = {
@@ -335,7 +361,7 @@ def build_image(spec: ImageSpec, bases: tuple[str, str, str], version: str, forc
     info = json.loads(buildah("inspect", "--type", "image", ref).stdout)
     digest, size = archive_facts(archive)
     buildah("rmi", "--prune")  # the build stage's image and what the tag replaced
-    # A wheel context stays (hard links into the wheelhouse): `docker build` can use it as it is.
+    # A wheel or prepared context stays: `docker build` can use it as it is.
     entry = {
         "name": f"{REGISTRY}/{spec.name}",
         "tag": version,
