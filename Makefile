@@ -18,7 +18,7 @@ help:
 	@echo "make test   create $(VENV), install everything, run lint and the whole test suite"
 	@echo "make crds   regenerate crds/ from the pydantic models"
 	@echo "make lint   ruff check + format check;  make fmt: apply ruff format and fixes"
-	@echo "make images [IMAGES=serving,operator]   build the images (serving, operator, serving-gpu, redis) as OCI archives in .cache/images (root, no Docker)"
+	@echo "make images [IMAGES=serving,operator]   build the images (serving, operator, serving-gpu, redis, prometheus) as OCI archives in .cache/images (root, no Docker)"
 	@echo "make cluster-up [GPU_POOL=0]   start a local control plane (etcd, apiserver, kwok nodes)"
 	@echo "make cluster-down              stop it"
 	@echo "make kind-up    a real kind cluster from kind-config.yaml with the images loaded; prints its KUBECONFIG"
@@ -69,11 +69,11 @@ system-deps-images:
 system-deps-kind:
 	@bash scripts/install-system-deps.sh --with-kind
 
-# The serving, operator, serving-gpu and redis images, built with buildah from the Dockerfiles on bases
+# The serving, operator, serving-gpu, redis and prometheus images, built with buildah from the Dockerfiles on bases
 # made from Debian packages; OCI archives and manifest.json in .cache/images/, rebuilt only when
 # their inputs change (hack/images/build.py). IMAGES=serving,operator leaves the GPU one out.
-IMAGES ?= serving,operator,serving-gpu,redis
-images: system-deps-images $(BIN)/.installed
+IMAGES ?= serving,operator,serving-gpu,redis,prometheus
+images: system-deps-go system-deps-images $(BIN)/.installed
 	@$(BIN)/python hack/images/build.py --images $(IMAGES)
 
 # Build (or find cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm.

@@ -81,7 +81,7 @@ def test_every_field_has_a_description_or_is_obvious(schema):
 def test_printer_columns(crd, schema):
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
     names = [c["name"] for c in columns if c.get("priority", 0) == 0]
-    assert names == ["Phase", "Instance", "Precision", "Replicas", "Cost/1M", "P95", "Age"]
+    assert names == ["Phase", "Instance", "Precision", "Replicas", "Cost/1M", "Obs/1M", "Latency", "P95", "Age"]
     type_map = {"string": "string", "integer": "integer", "number": "number"}
     for col in columns:
         if col["jsonPath"] == ".metadata.creationTimestamp":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +34,8 @@ NS = "e2e"
 RELEASE = "leanserve"
 OP_NS = "leanserve-system"
 NAME = "tabular"
+#: The cluster's Prometheus (hack/kind/manifests/prometheus.yaml), as the operator reaches it.
+PROMETHEUS_URL = "http://prometheus.monitoring.svc:9090"
 #: The rollout step's request rate: about a tenth of what the sidecar of one replica carries here.
 ROLLOUT_RPS = 80
 CPU_TYPE = "c6i.large"
@@ -102,6 +106,8 @@ def deployment_spec() -> dict[str, Any]:
                 "scaleDownStabilizationSeconds": 30,
                 "targetCpuUtilization": 40,
             },
+            # Readings every 10 s over the last minute, judged from 100 requests: the steps' loads are short.
+            "observe": {"intervalSeconds": 10, "windowSeconds": 60, "minRequests": 100},
             # No GPU node exists: the GPU type's profiling pod is unschedulable; 30 s is enough to know.
             "profiling": {"unschedulableTimeoutSeconds": 30, "deadlineSeconds": 600},
             # The kind worker is a 2-CPU container however the type is labelled: a smaller model
@@ -216,9 +222,22 @@ def load_result(kind: Cluster, name: str, timeout: float) -> dict[str, Any]:
 
 def test_helm_install_makes_the_operator_ready_and_helm_test_passes(cluster: Cluster) -> None:
     kind = cluster
+    # The cluster's Prometheus (hack/kind/manifests/prometheus.yaml) first: the operator reads it.
+    kind.kubectl("apply", "-f", str(REPO / "hack/kind/manifests/prometheus.yaml"))
+    kind.kubectl("-n", "monitoring", "rollout", "status", "deployment/prometheus", "--timeout=180s", timeout=200)
     started = time.monotonic()
     chart = str(REPO / "charts/leanserve")
-    values = ["--set", f"serving.redisImage={REDIS_IMAGE}"]
+    # The image as built now: on a kept cluster (LEANSERVE_E2E_KEEP=1), a rebuilt operator image under
+    # the same tag would otherwise leave the running operator on the old one.
+    digest = json.loads((REPO / ".cache/images/manifest.json").read_text())["images"]["operator"]["digest"]
+    values = [
+        "--set",
+        f"serving.redisImage={REDIS_IMAGE}",
+        "--set",
+        f"observer.prometheusUrl={PROMETHEUS_URL}",
+        "--set-string",
+        f"operator.podAnnotations.leanserve\\.dev/image-digest={digest.removeprefix('sha256:')[:40]}",
+    ]
     kind.helm("upgrade", "--install", RELEASE, chart, "-n", OP_NS, "--create-namespace", *values, "--wait")
 
     def operator_ready() -> list[dict[str, Any]]:
@@ -520,6 +539,53 @@ def test_load_above_capacity_makes_the_hpa_scale_up(cluster: Cluster) -> None:
     log(f"after scale-up: {len(placed)} scheduled, {len(pending)} pending {reasons}")
     assert len(pods) > 1
     assert all(reasons) and len(reasons) == len(pending), "a pending pod without the scheduler's reason"
+
+
+# 5b. what was served shows up as observed, beside the prediction --------------------------------
+
+
+def test_served_traffic_shows_up_in_status_observed(cluster: Cluster) -> None:
+    """The cluster's Prometheus scraped the serving pods through Kubernetes discovery; the operator's
+    reading of it is in status.observed, in `kubectl get infd` and in `leanserve status`."""
+    require("serving", "plan")
+    kind = cluster
+    started = time.monotonic()
+
+    def observed() -> dict[str, Any] | None:
+        status = kind.get("inferencedeployment", NAME, NS).get("status") or {}
+        seen = status.get("observed") or {}
+        conds = {c["type"]: c for c in status.get("conditions") or []}
+        fine = conds.get("Observed", {}).get("status") == "True" and (seen.get("requests") or 0) > 0
+        return status if fine else None
+
+    try:
+        status = wait_for("status.observed with the served requests", observed, timeout=120, interval=3)
+    finally:
+        conds = (kind.get("inferencedeployment", NAME, NS).get("status") or {}).get("conditions") or []
+        log(f"conditions: {json.dumps([c for c in conds if c['type'] in ('Observed', 'SLAMet', 'Drift')])}")
+    timed("observed_after_load_s", started)
+    seen = status["observed"]
+    log(f"observed: {json.dumps(seen)}")
+    TIMINGS["observed_rps"] = seen.get("rps")
+    TIMINGS["observed_p95_ms"] = seen.get("p95Ms")
+    TIMINGS["observed_cost_per_million"] = seen.get("costPerMillionRequests")
+    TIMINGS["predicted_cost_per_million"] = status["plan"].get("costPerMillionRequests")
+    assert seen["predicted"]["costPerMillionRequests"] == status["plan"]["costPerMillionRequests"]
+    assert seen["p95Ms"] > 0 and seen["costPerMillionRequests"] > 0 and seen["replicas"] >= 1
+    table = kind.kubectl("get", "inferencedeployment", NAME, "-n", NS)
+    log(f"kubectl get infd:\n{table}")
+    header, row = table.strip().splitlines()[:2]
+    columns = dict(zip(header.split(), row.split(), strict=False))
+    assert columns["P95"] != "<none>" and columns["OBS/1M"] != "<none>" and columns["COST/1M"] != "<none>"
+    leanserve = Path(sys.executable).parent / "leanserve"
+    report = subprocess.run(
+        [str(leanserve), "status", NAME, "-n", NS, "--kubeconfig", str(kind.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log(f"leanserve status:\n{report.stdout}{report.stderr}")
+    assert report.returncode == 0 and "latency at the SLA percentile" in report.stdout
 
 
 # 6. the model server dies: 503 meanwhile, no request hangs, it comes back ------------------------

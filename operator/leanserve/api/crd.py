@@ -58,11 +58,16 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Predicted USD per million requests",
     },
     {
-        "name": "Observed/1M",
+        "name": "Obs/1M",
         "type": "number",
-        "priority": 1,
         "jsonPath": ".status.observed.costPerMillionRequests",
         "description": "Observed USD per million requests (Prometheus)",
+    },
+    {
+        "name": "Latency",
+        "type": "number",
+        "jsonPath": ".status.plan.predictedLatencyMs",
+        "description": "Predicted latency at the SLA's percentile in milliseconds",
     },
     {
         "name": "P95",
