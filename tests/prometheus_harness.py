@@ -21,27 +21,17 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from leanserve.local_stack import free_port, wait_ready
+from leanserve.observer.local import ScrapeTarget, prometheus_config
 from leanserve_serving.local import CPUs, pinned
 
 #: How long a Prometheus may take to replay its WAL or open its blocks and answer /-/ready.
 READY_TIMEOUT_S = 60
-
-
-@dataclass(frozen=True)
-class ScrapeTarget:
-    """One static scrape target: ``host:port`` and the labels every series scraped from it carries."""
-
-    address: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    metrics_path: str = "/metrics"
 
 
 def binary(name: str) -> str:
@@ -50,21 +40,6 @@ def binary(name: str) -> str:
     if exe is None:
         raise RuntimeError(f"{name} is not installed: run `make test`, which installs it (Debian package prometheus)")
     return exe
-
-
-def prometheus_config(targets: Sequence[ScrapeTarget], scrape_interval_s: float) -> dict[str, Any]:
-    """The configuration: one job per metrics path, one static group per target (its own labels)."""
-    interval = f"{round(scrape_interval_s * 1000)}ms"
-    jobs: dict[str, list[dict[str, Any]]] = {}
-    for target in targets:
-        jobs.setdefault(target.metrics_path, []).append({"targets": [target.address], "labels": dict(target.labels)})
-    return {
-        "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-        "scrape_configs": [
-            {"job_name": f"leanserve-{i}", "metrics_path": path, "static_configs": groups}
-            for i, (path, groups) in enumerate(sorted(jobs.items()))
-        ],
-    }
 
 
 class PrometheusServer:

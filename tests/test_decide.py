@@ -23,21 +23,14 @@ from leanserve.controller.profile_store import model_key
 from leanserve.observer import Observation
 from leanserve_serving.profile import Profile
 from tests.stand_in_profiles import GPU_FIXTURE, stand_in
+from tests.test_operator import SPEC as OPERATOR_SPEC
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 CONFIG = OperatorConfig()
 TYPES = ["c6i.2xlarge", "m5.2xlarge"]
 
-SPEC: dict[str, Any] = {
-    "model": {
-        "uri": "https://models.example.com/fraud.onnx",
-        "evaluation": {"uri": "https://models.example.com/e.npz"},
-    },
-    "sla": {"latency": {"targetMs": 100}, "maxAccuracyDrop": 0.01},
-    "traffic": {"averageRps": 800, "peakRps": 2400},
-    "candidates": TYPES,
-    "autoscaling": {"warmPool": 2},
-}
+#: The cluster tests' spec (tests/test_operator.py), on the two CPU pools (the GPU one has its own tests there).
+SPEC: dict[str, Any] = {**OPERATOR_SPEC, "candidates": TYPES}
 
 
 def profile(instance_type: str) -> Profile:
