@@ -327,3 +327,35 @@ def test_the_closed_loop_runs_its_time_after_a_slow_first_reply():
     done = asyncio.run(scenario())
     assert done[0] - start >= 0.5
     assert max(done) - min(done) >= 0.3 - 0.02  # the whole run after the first reply, not what the start left
+
+
+def _bench_cli(tabular: ReferenceModel, **outputs: Path) -> list[str]:
+    flags = cli_flags(eval=tabular.evaluation, variants="fp32", seconds_per_point=0.02, max_batch=4, stack_seconds=0.1)
+    return ["bench", str(tabular.model), *flags, *cli_flags(**outputs)]
+
+
+@pytest.mark.parametrize("option", ["out", "compact_out"])
+def test_cli_refuses_an_unwritable_output_before_benching(tabular, tmp_path, monkeypatch, capsys, option):
+    from leanserve import cli
+    from leanserve_serving.bench import run as bench_run
+
+    def no_bench(*_args: object, **_kwargs: object) -> Profile:
+        raise AssertionError("benched although the output cannot be written")
+
+    monkeypatch.setattr(bench_run, "run_bench", no_bench)
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "profile.json"  # its parent is a file: neither created nor written
+    assert cli.main(_bench_cli(tabular, **{option: target})) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"cannot write {target}" in " ".join(err.split())
+
+
+def test_cli_creates_the_output_folders(tabular, tmp_path, capsys):
+    from leanserve import cli
+
+    full, compact = tmp_path / "prof" / "lr.json", tmp_path / "logs" / "deep" / "termination-log"
+    assert cli.main(_bench_cli(tabular, out=full, compact_out=compact)) == 0
+    capsys.readouterr()
+    assert Profile.model_validate_json(full.read_text()).variants[0].name == "fp32"
+    assert 0 < len(compact.read_bytes()) <= TERMINATION_MESSAGE_LIMIT

@@ -45,6 +45,26 @@ def _fmt(value: float | str | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _writable(path: Path) -> str | None:
+    """Why ``path`` cannot be written (None when it can), its parent folder created if missing.
+
+    Checked before the bench, which takes minutes: a typo in ``--out`` must not cost the profile.
+    Probes by opening, not by ``os.access``, which a root user or a read-only mount answers wrongly.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with path.open("a"):  # append: an existing file (e.g. /dev/termination-log) is not truncated
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table  # the tables need the operator extra; --version and validate do not
 
@@ -53,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
     from leanserve_serving.profile import summary_rows
 
     console = wide_console(stderr=True)
+    for out in (args.out, args.compact_out):
+        if out is not None and (problem := _writable(out)):
+            console.print(f"[red]error:[/red] {problem}", soft_wrap=True)
+            return 2
     options = BenchOptions(
         model=args.model,
         evaluation=args.evaluation,
