@@ -16,9 +16,9 @@ from pathlib import Path
 
 from leanserve.planner.latency import Policy
 from leanserve_serving import local
-from leanserve_serving.local import free_port, wait_ready
+from leanserve_serving.local import Supervision, free_port, wait_ready
 
-__all__ = ["free_port", "serving_stack", "wait_ready"]
+__all__ = ["Supervision", "free_port", "serving_stack", "wait_ready"]
 
 
 @contextlib.contextmanager
@@ -31,8 +31,11 @@ def serving_stack(
     redis_url: str = "",
     quiet: bool = True,
     cpus: local.CPUs = None,
+    supervision: Supervision | None = None,
 ) -> Iterator[str]:
-    """The model server and the sidecar with ``policy``'s batching (on ``cpus``); yields the infer URL."""
+    """The model server and the sidecar with ``policy``'s batching (on ``cpus``); yields the infer URL.
+
+    With ``supervision``, the model server is restarted when it exits, as a kubelet would."""
     with local.serving_stack(
         model,
         name,
@@ -42,5 +45,6 @@ def serving_stack(
         redis_url=redis_url,
         quiet=quiet,
         cpus=cpus,
+        supervision=supervision,
     ) as url:
         yield url

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -109,25 +111,120 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _log(message: str) -> None:
+    print(f"leanserve: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Supervision:
+    """How a supervised model server is restarted when it exits unexpectedly (as a kubelet restarts a container).
+
+    The first restart waits ``first_backoff_s``, each quick failure after it twice as long, up to
+    ``max_backoff_s``; a run of ``quick_s`` or more resets both. After ``max_quick_failures`` quick failures
+    in a row it gives up: ``on_give_up`` gets the reason, and the sidecar answers 503 until someone acts.
+    """
+
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    quick_s: float = 30.0
+    max_quick_failures: int = 5
+    log: Callable[[str], None] = _log
+    on_give_up: Callable[[str], None] = lambda _reason: None
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with {returncode}"
+
+
+class _Supervisor(threading.Thread):
+    """Watches a model server process and restarts it, on the same port, when it exits before ``stop``."""
+
+    def __init__(self, server: ModelServerProcess, restart: Callable[[], subprocess.Popen[bytes]], how: Supervision):
+        super().__init__(name="model-server-supervisor", daemon=True)
+        self.server, self.restart, self.how = server, restart, how
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # held while a process is started, so stop never misses one
+
+    def run(self) -> None:
+        how, quick, backoff, started = self.how, 0, self.how.first_backoff_s, time.monotonic()
+        while not self.stopping.wait(0.05):
+            proc = self.server.proc
+            if proc.poll() is None:
+                continue
+            if time.monotonic() - started >= how.quick_s:
+                quick, backoff = 0, how.first_backoff_s
+            quick += 1
+            status = _exit_status(proc.returncode)
+            if quick > how.max_quick_failures:
+                reason = f"the model server {status}; gave up after {how.max_quick_failures} restarts in a row failed"
+                reason += f" within {how.quick_s:.0f} s"
+                how.log(reason)
+                how.on_give_up(reason)
+                return
+            how.log(f"the model server {status}; restarting it in {backoff:.1f} s (restart {quick})")
+            if self.stopping.wait(backoff):
+                return
+            with self.lock:
+                if self.stopping.is_set():
+                    return
+                self.server.proc, started = self.restart(), time.monotonic()
+            backoff = min(backoff * 2, how.max_backoff_s)
+            try:
+                wait_ready(f"{self.server.url}/v2/health/ready", self.server.proc)
+                how.log(f"the model server is back (pid {self.server.proc.pid})")
+            except RuntimeError:
+                pass  # it exited again: the next turn counts it
+
+    def stop(self) -> None:
+        """Restart nothing more; returns once no restart is under way."""
+        self.stopping.set()
+        with self.lock:
+            pass
+
+
 @dataclass
 class ModelServerProcess:
-    """A model server running as a local process."""
+    """A model server running as a local process (a supervised one's ``proc`` changes at each restart)."""
 
     proc: subprocess.Popen[bytes]
     url: str
+    supervisor: _Supervisor | None = field(default=None, repr=False)
+
+    def stop_supervising(self) -> None:
+        """Let the process exit for good from now on (before stopping the stack, so Ctrl-C restarts nothing)."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
 
 
 @contextlib.contextmanager
-def model_server(model: Path, name: str, quiet: bool = True, cpus: CPUs = None) -> Iterator[ModelServerProcess]:
-    """The model server container as a local process on a free loopback port (on ``cpus``); stopped after."""
+def model_server(
+    model: Path, name: str, quiet: bool = True, cpus: CPUs = None, supervision: Supervision | None = None
+) -> Iterator[ModelServerProcess]:
+    """The model server container as a local process on a free loopback port (on ``cpus``); stopped after.
+
+    With ``supervision``, it is restarted on the same port whenever it exits before the block ends."""
     port = free_port()
     flags = cli_flags(model=model, name=name, host="127.0.0.1", port=port)
-    proc = _start([sys.executable, "-m", "leanserve_serving.model_server", *flags], _env(cpus=cpus), quiet, cpus)
+
+    def start() -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "leanserve_serving.model_server", *flags]
+        return _start(argv, _env(cpus=cpus), quiet, cpus)
+
+    server = ModelServerProcess(start(), f"http://127.0.0.1:{port}")
     try:
-        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
-        yield ModelServerProcess(proc, f"http://127.0.0.1:{port}")
+        wait_ready(f"{server.url}/v2/health/ready", server.proc)
+        if supervision is not None:
+            server.supervisor = _Supervisor(server, start, supervision)
+            server.supervisor.start()
+        yield server
     finally:
-        _stop([proc])
+        server.stop_supervising()
+        _stop([server.proc])
+        if server.supervisor is not None:
+            server.supervisor.join()
 
 
 @contextlib.contextmanager
@@ -161,11 +258,16 @@ def serving_stack(
     redis_url: str = "",
     quiet: bool = True,
     cpus: CPUs = None,
+    supervision: Supervision | None = None,
 ) -> Iterator[str]:
     """A pod's two containers as local processes: the model server and, in front, the sidecar with this
-    batching (and a cache when ``redis_url`` is set), both on ``cpus``. Yields the infer URL; stops both after."""
+    batching (and a cache when ``redis_url`` is set), both on ``cpus``. Yields the infer URL; stops both after.
+    With ``supervision``, the model server is restarted when it exits (see :class:`Supervision`)."""
     with (
-        model_server(model, name, quiet, cpus) as server,
+        model_server(model, name, quiet, cpus, supervision) as server,
         sidecar(server.url, max_batch, max_wait_ms, port, redis_url, quiet, cpus) as (_, front),
     ):
-        yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"
+        try:
+            yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"
+        finally:
+            server.stop_supervising()  # first: Ctrl-C reaches the children too, and their exit is no failure

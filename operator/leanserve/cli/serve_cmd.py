@@ -1,7 +1,9 @@
 """``leanserve serve --model FILE [--sidecar]``: the serving stack locally, without a cluster.
 
 Starts the model server and the sidecar in front of it as two processes (as in a
-pod: two containers); ``--sidecar`` turns on its batching. Ctrl-C stops both.
+pod: two containers); ``--sidecar`` turns on its batching. Ctrl-C stops both. Like a kubelet, it restarts
+the model server when it exits (with a growing pause), so the sidecar's 503s end by themselves; after five
+quick failures in a row it gives up and exits 1.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanserve.local_stack import serving_stack
+    from leanserve.local_stack import Supervision, serving_stack
     from leanserve.planner.latency import Policy
 
     if not args.model.is_file():
@@ -34,14 +36,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     policy = Policy(args.max_batch_size, args.max_wait_ms) if args.sidecar else Policy(1, 0.0)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the children on SIGTERM too
+    gave_up: list[str] = []
+    failed = threading.Event()
+    supervision = Supervision(on_give_up=lambda reason: (gave_up.append(reason), failed.set()))
     try:
-        stack = serving_stack(args.model, args.name, policy, port=args.port, redis_url=args.redis_url, quiet=False)
+        stack = serving_stack(
+            args.model,
+            args.name,
+            policy,
+            port=args.port,
+            redis_url=args.redis_url,
+            quiet=False,
+            supervision=supervision,
+        )
         with stack as url:
             cache = ", exact cache" if args.redis_url else ""
             print(f"serving '{args.name}' at {url} (sidecar: batching up to {policy.max_batch}{cache})")
             print(f"metrics at {url.split('/v2/')[0]}/metrics; Ctrl-C stops")
-            while True:
-                time.sleep(3600)
+            sys.stdout.flush()
+            while not failed.wait(1):  # a timeout, so Ctrl-C is seen at once
+                pass
+        print(f"error: {gave_up[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     except RuntimeError as exc:
