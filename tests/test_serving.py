@@ -656,3 +656,149 @@ def _exit_times(procs: list[subprocess.Popen[bytes]], since: float, limit: float
             raise AssertionError(f"still running {limit:g} s after SIGTERM: {running}")
         time.sleep(0.02)
     return [exits[i] for i in range(len(procs))]
+
+
+# ---- hostile input ----------------------------------------------------------------------------
+
+
+def raw_request(url: str, method: str, path: str, body: bytes | None = None, **headers: str) -> tuple[int, str, bytes]:
+    """One request sent as given (no client-side normalising of the path): status, content type, body."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), resp.read()
+    finally:
+        conn.close()
+
+
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    """The values of ``name``'s series that carry ``labels`` (whatever order the exposition writes them in)."""
+    found = []
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{") and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            found.append(float(value))
+    return found
+
+
+def test_unknown_model_names_share_one_metric_label(strict_servers):
+    car = strict_servers[1]
+    before = sum(
+        samples(get(car.url + "/metrics")[1].decode(), "leanserve_requests_total", model="_unknown", code="404")
+    )
+    for i in range(300):
+        assert post(car.url + f"/v2/models/nope-{i}/infer", GOOD)[0] == 404
+    _, text = get(car.url + "/metrics")
+    lines = text.decode().splitlines()
+    assert not [line for line in lines if "nope-" in line]
+    series = [line for line in lines if line.startswith("leanserve_requests_total{")]
+    assert len(series) <= 10, series
+    assert samples(text.decode(), "leanserve_requests_total", model="_unknown", code="404") == [before + 300]
+
+
+@pytest.mark.parametrize("which", ["sidecar", "model-server"])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v2/models/..%2F..%2Fmetrics"),
+        ("GET", "/v2/models/mlp%2F..%2Fmlp"),
+        ("GET", "/v2/models/mlp%2F..%2Fmlp/ready"),
+        ("POST", "/v2/models/mlp%2F..%2Fmlp/infer"),
+        ("GET", "/v2/models/.."),
+        ("GET", "/v2/models/" + "m" * 300),
+    ],
+    ids=["up-to-metrics", "down-and-up", "ready", "infer", "dot-dot", "too-long"],
+)
+def test_a_model_name_that_is_not_a_name_is_refused(strict_servers, which, method, path):
+    server = strict_servers[1] if which == "sidecar" else strict_servers[0]
+    body = orjson.dumps(GOOD) if method == "POST" else None
+    status, content_type, raw = raw_request(server.url, method, path, body)
+    assert status == 400, raw[:200]
+    assert content_type.startswith("application/json")
+    assert "invalid model name" in orjson.loads(raw)["error"]
+
+
+GZIP = {"Content-Encoding": "gzip"}
+HOSTILE = {
+    "data-nested-1000-deep": (
+        b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": '
+        + b"[" * 1000
+        + b"1"
+        + b"]" * 1000
+        + b"}]}",
+        {},
+        "nested deeper than",
+    ),
+    "parameters-nested-300-deep": (
+        orjson.dumps({**GOOD, "parameters": {"p": 1}}).replace(b'{"p":1}', b'{"p":' * 300 + b"1" + b"}" * 300),
+        {},
+        "'parameters' nested deeper than",
+    ),
+    "gzip-header-plain-body": (orjson.dumps(GOOD), GZIP, "gzip"),
+}
+
+
+@pytest.mark.parametrize("which", ["sidecar", "model-server"])
+@pytest.mark.parametrize("case", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_bodies_get_a_400_with_the_v2_error_body(strict_servers, which, case):
+    server = strict_servers[1] if which == "sidecar" else strict_servers[0]
+    body, headers, reason = HOSTILE[case]
+    status, content_type, raw = raw_request(server.url, "POST", "/v2/models/mlp/infer", body, **headers)
+    assert status == 400, raw[:300]
+    assert content_type.startswith("application/json"), raw[:300]
+    assert reason in orjson.loads(raw)["error"]
+    assert post(server.url + "/v2/models/mlp/infer", GOOD)[0] == 200
+
+
+@pytest.mark.parametrize("which", ["sidecar", "model-server"])
+def test_a_request_the_http_parser_refuses_gets_the_v2_error_body(strict_servers, which):
+    import socket
+
+    server = strict_servers[1] if which == "sidecar" else strict_servers[0]
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nnot a header\r\n\r\n")
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", raw[:300]
+    assert b"content-type: application/json" in head.lower(), raw[:300]
+    assert orjson.loads(body)["error"]
+
+
+def test_a_failure_that_is_no_protocol_error_is_counted_with_its_status():
+    """An upstream answering outputs without a datatype: the sidecar fails with a 500 and counts a 500."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def run() -> tuple[int, dict, str]:
+        async def ready(_: web.Request) -> web.Response:
+            return web.json_response({"ready": True})
+
+        async def metadata(_: web.Request) -> web.Response:
+            return web.json_response(
+                {"name": "mlp", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]}
+            )
+
+        async def infer(_: web.Request) -> web.Response:
+            return web.json_response({"outputs": [{"name": "logits"}]})
+
+        upstream = web.Application()
+        upstream.router.add_get("/v2/health/ready", ready)
+        upstream.router.add_get("/v2/models/mlp", metadata)
+        upstream.router.add_post("/v2/models/mlp/infer", infer)
+        async with TestServer(upstream) as up:
+            config = SidecarConfig(upstream=str(up.make_url("")))
+            async with TestClient(TestServer(create_app(config))) as client:
+                resp = await client.post("/v2/models/mlp/infer", json=mlp_request([0.5] * 64))
+                metrics = await (await client.get("/metrics")).text()
+                return resp.status, await resp.json(), metrics
+
+    status, body, metrics = asyncio.run(run())
+    assert status == 500
+    assert body["error"]
+    assert samples(metrics, "leanserve_requests_total", model="mlp", code="500") == [1.0]
+    assert samples(metrics, "leanserve_requests_total", code="200") == []

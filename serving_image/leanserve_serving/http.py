@@ -18,9 +18,11 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, generate_latest
 
 from leanserve_serving.config import load_config
@@ -87,6 +89,31 @@ def drainable(app: web.Application) -> Drain:
     return drain
 
 
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering the requests its HTTP parser refuses with the v2 error body.
+
+    Those never reach a handler or a middleware: aiohttp answers them itself, in plain text.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and refuses when a response has begun
+        reason = message or (str(exc) if exc is not None and status != 500 else HTTPStatus(status).phrase)
+        response = error_response(status, reason)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """aiohttp's low-level server, making :class:`JsonErrorRequestHandler` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
 async def serve(app: web.Application, config: ServingConfig) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then drain and stop (see the module's docstring).
 
@@ -95,6 +122,8 @@ async def serve(app: web.Application, config: ServingConfig) -> None:
     """
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s)
     await runner.setup()
+    # aiohttp offers no hook for the responses its parser writes: the runner's server makes ours instead.
+    runner.server.__class__ = JsonErrorServer  # type: ignore[union-attr]
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         loop = asyncio.get_running_loop()
@@ -153,6 +182,14 @@ def metrics_handler(registry: CollectorRegistry) -> Handler:
         return web.Response(body=generate_latest(registry), content_type="text/plain")
 
     return prometheus
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, decoded as its ``Content-Encoding`` says; a 400 when it cannot be."""
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        raise ProtocolError(400, f"cannot read the request body: {exc}") from None
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -30,6 +30,7 @@ from leanserve_serving.http import (
     json_response,
     metrics_handler,
     protocol_errors,
+    read_body,
     serve_main,
 )
 from leanserve_serving.tensors import (
@@ -39,6 +40,7 @@ from leanserve_serving.tensors import (
     Tensor,
     TensorSpec,
     check_inputs,
+    check_model_name,
     decode_request,
     encode_response,
 )
@@ -168,7 +170,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
     app["model"] = model
 
     def known(request: web.Request) -> LoadedModel:
-        name = request.match_info["name"]
+        name = check_model_name(request.match_info["name"])
         if name != model.name:
             raise ProtocolError(404, f"unknown model '{name}'; this server serves '{model.name}'")
         version = request.match_info.get("version")
@@ -198,7 +200,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
         target = known(request)
         code = 200
         try:
-            decoded = decode_request(await request.read())
+            decoded = decode_request(await read_body(request))
             feeds = target.feeds(decoded)
             first = decoded.inputs[0]
             rows = first.shape[0] if first.shape else 1
@@ -209,6 +211,9 @@ def create_app(config: ModelServerConfig) -> web.Application:
             metrics.batch.labels(target.name).observe(rows)
             return json_response(encode_response(target.name, target.version, decoded.id, outputs))
         except ProtocolError as exc:
+            code = exc.status
+            raise
+        except web.HTTPException as exc:  # 413: the body is over the limit
             code = exc.status
             raise
         except Exception:

@@ -41,6 +41,7 @@ from leanserve_serving.http import (
     json_response,
     metrics_handler,
     protocol_errors,
+    read_body,
     serve_main,
 )
 from leanserve_serving.tensors import (
@@ -50,6 +51,7 @@ from leanserve_serving.tensors import (
     Tensor,
     TensorSpec,
     check_inputs,
+    check_model_name,
     decode_request,
     dumps,
     encode_response,
@@ -74,6 +76,9 @@ BATCH_ERROR_STATUS: dict[type[BatchError], int] = {
 
 #: Where an answer came from: the ``X-Leanserve-Source`` header.
 Source = Literal["exact", "semantic", "model"]
+
+#: The metric label of requests for a model the upstream does not serve: labels name known models only.
+UNKNOWN_MODEL = "_unknown"
 
 #: Statuses a client should retry after a pause: answered with ``Retry-After: 1``.
 RETRY_LATER = frozenset({429, 503})
@@ -381,24 +386,33 @@ class Sidecar:
     async def infer(self, request: web.Request) -> web.Response:
         model = request.match_info["name"]
         start = time.perf_counter()
-        code = 200
+        code = 500  # until the request is answered: anything unforeseen reaches the middleware as a 500
         try:
-            decoded = decode_request(await request.read())
+            check_model_name(model)
+            decoded = decode_request(await read_body(request))
             body, source = await self.answer(model, decoded)
             if decoded.id is not None:
                 body = {**body, "id": decoded.id}
-            return json_response(body, headers={"X-Leanserve-Source": source})
+            response = json_response(body, headers={"X-Leanserve-Source": source})
+            code = 200
+            return response
         except (ProtocolError, BatchError) as exc:
             error = http_error(exc)
             code = error.status
             headers = {"Retry-After": "1"} if code in RETRY_LATER else None
             return error_response(code, error.reason, headers)
-        except web.HTTPRequestEntityTooLarge:
-            code = 413
+        except web.HTTPException as exc:  # 413: the body is over the limit
+            code = exc.status
             raise
         finally:
-            self.metrics.requests.labels(model, str(code)).inc()
-            self.metrics.latency.labels(model).observe(time.perf_counter() - start)
+            label = self.model_label(model)
+            self.metrics.requests.labels(label, str(code)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+    def model_label(self, model: str) -> str:
+        """``model`` when the upstream serves it (its metadata was read), else one label for all the rest:
+        a label per requested name would let any client grow the metrics without bound."""
+        return model if self._state is not None and model in self._state.upstream.specs else UNKNOWN_MODEL
 
     async def live(self, _: web.Request) -> web.Response:
         return json_response({"live": True})
@@ -411,7 +425,12 @@ class Sidecar:
         return error_response(503, "upstream model server is not ready")
 
     async def proxy_get(self, request: web.Request) -> web.Response:
-        status, payload = await self.state.upstream.call("GET", request.path)
+        """Forward a metadata or readiness GET: the route's own path with a checked name, never the request's
+        (decoded, a name like ``..%2F..%2Fmetrics`` would reach other paths of the upstream)."""
+        path = request.match_info.route.resource.canonical  # type: ignore[union-attr]
+        if "name" in request.match_info:
+            path = path.format(name=check_model_name(request.match_info["name"]))
+        status, payload = await self.state.upstream.call("GET", path)
         return json_response(payload, status=status)
 
 

@@ -8,6 +8,7 @@ in a :class:`ProtocolError` carrying an HTTP status and a reason a client can ac
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,19 @@ ORT_TYPES: dict[str, str] = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
+
+
+#: The longest model name accepted (a Kubernetes object name's limit).
+MAX_MODEL_NAME = 253
+
+#: A model name: letters, digits, '-', '_' and '.' (KServe's and Kubernetes' names fit), never '.' or '..'.
+MODEL_NAME = re.compile(rf"(?!\.\.?$)[A-Za-z0-9._-]{{1,{MAX_MODEL_NAME}}}")
+
+#: The deepest nesting of a tensor's ``data`` (numpy's limit on dimensions).
+MAX_DATA_DEPTH = 64
+
+#: The deepest nesting of ``parameters`` (orjson refuses to write past 254; nobody needs near that).
+MAX_PARAMETER_DEPTH = 32
 
 
 class ProtocolError(Exception):
@@ -106,15 +120,50 @@ class InferRequest:
     outputs: list[str] | None = None
 
 
+def check_model_name(name: str) -> str:
+    """``name`` when it is a model name; a 400 otherwise (it is spliced into upstream URLs and metric labels)."""
+    if not MODEL_NAME.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise ProtocolError(
+            400,
+            f"invalid model name {shown!r}: 1 to {MAX_MODEL_NAME} letters, digits, '-', '_' or '.', not '.' or '..'",
+        )
+    return name
+
+
 def _flatten(data: Any) -> list[Any]:
+    """Nested lists (one level per dimension) as one flat list, level by level: no recursion to exhaust."""
     if not isinstance(data, list):
         raise ProtocolError(400, "tensor data must be a JSON array")
-    if data and isinstance(data[0], list):
+    depth = 1
+    while data and isinstance(data[0], list):
+        depth += 1
+        if depth > MAX_DATA_DEPTH:
+            raise ProtocolError(400, f"tensor data nested deeper than {MAX_DATA_DEPTH} levels")
         out: list[Any] = []
         for item in data:
-            out.extend(_flatten(item))
-        return out
+            if not isinstance(item, list):
+                raise ProtocolError(400, "tensor data must be nested arrays of the same depth")
+            out.extend(item)
+        data = out
     return data
+
+
+def _parameters(raw: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` object (non-objects read as empty, as before), refused when nested too deep to re-encode."""
+    if not isinstance(raw, dict):
+        return {}
+    level: list[Any] = [raw]
+    for _ in range(MAX_PARAMETER_DEPTH - 1):  # the object itself is the first level
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return raw
+    raise ProtocolError(400, f"{where} nested deeper than {MAX_PARAMETER_DEPTH} levels")
 
 
 def decode_tensor(raw: Any, where: str) -> Tensor:
@@ -148,8 +197,7 @@ def decode_tensor(raw: Any, where: str) -> Tensor:
             array = array.astype(DATATYPES[datatype], copy=False).reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(400, f"input '{name}': data does not match datatype {datatype}: {exc}") from None
-    params = raw.get("parameters") or {}
-    return Tensor(name, datatype, tuple(shape), array, params if isinstance(params, dict) else {})
+    return Tensor(name, datatype, tuple(shape), array, _parameters(raw.get("parameters"), f"{where}.parameters"))
 
 
 def decode_request(body: bytes) -> InferRequest:
@@ -176,11 +224,12 @@ def decode_request(body: bytes) -> InferRequest:
             raise ProtocolError(400, "'outputs' must be a list of objects with a name")
         wanted = [o["name"] for o in outputs]
     request_id = doc.get("id")
-    params = doc.get("parameters") or {}
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, float))):
+        raise ProtocolError(400, "'id' must be a string")
     return InferRequest(
         inputs=tensors,
         id=str(request_id) if request_id is not None else None,
-        parameters=params if isinstance(params, dict) else {},
+        parameters=_parameters(doc.get("parameters"), "'parameters'"),
         outputs=wanted,
     )
 
