@@ -12,8 +12,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+def rfc3339(when: datetime) -> str:
+    """A status time as the API writes it: UTC, to the second, with a Z."""
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_rfc3339(value: str) -> datetime:
+    """A time read from an object (``...Z`` or with an offset), timezone-aware."""
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
 
 
 @dataclass(frozen=True)

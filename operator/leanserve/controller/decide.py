@@ -11,12 +11,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.controller import builders, profile_store, profiling
-from leanserve.controller.conditions import Cond, merge
+from leanserve.controller.conditions import Cond, merge, parse_rfc3339, rfc3339
 from leanserve.controller.config import OperatorConfig
 from leanserve.controller.judge import judge, not_observed
 from leanserve.controller.observe import Observed
@@ -356,12 +355,12 @@ def judge_observation(observed: Observed, config: OperatorConfig, plan: Planning
     found = "; ".join(drift.reasons)
     last = ((previous or {}).get("replan") or {}).get("at")
     wait = spec.observe.drift.min_interval_seconds
-    if last and (observed.now - _time(last)).total_seconds() < wait:
+    if last and (observed.now - parse_rfc3339(last)).total_seconds() < wait:
         message = f"{found}; not re-planned: the last re-plan was at {last}, less than {wait} s ago"
         judged.conditions.append(Cond("Drift", "False", "DriftTooSoon", message))
         return judged
     replan = {**(replan_in_place(observed) or {}), **drift.replan}
-    replan |= {"at": _stamp(observed.now), "reason": found, "generation": observed.generation}
+    replan |= {"at": rfc3339(observed.now), "reason": found, "generation": observed.generation}
     candidate = plan(replan)
     current = _same_configuration(candidate, in_place)
     new = candidate.winner
@@ -399,14 +398,6 @@ def _same_configuration(result: PlanResult, plan: dict[str, Any]) -> Candidate |
     return None
 
 
-def _time(value: str) -> datetime:
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-def _stamp(when: datetime) -> str:
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 #: The cold start assumed before one is measured on the deployment's own pods.
 DEFAULT_COLD_START_S = 60.0
 
@@ -435,7 +426,7 @@ def predicted_floor(observed: Observed, spec: InferenceDeploymentSpec, winner: C
             "minReplicas": floor,
             "coldStartSeconds": round(cold, 1),
             "reason": plan.reason,
-            "at": _stamp(observed.now),
+            "at": rfc3339(observed.now),
         }
         return min(max(floor, winner.replicas_min), winner.replicas_max), doc
     if previous:

@@ -19,6 +19,7 @@ from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.api.validation import errors_from_validation
 from leanserve.controller import builders, kube, profile_store
 from leanserve.controller.builders import Owner
+from leanserve.controller.conditions import parse_rfc3339
 from leanserve.controller.config import OperatorConfig
 from leanserve.observer import Observation, ObserverUnavailable, observe_deployment
 from leanserve.observer.history import request_rate_history
@@ -94,8 +95,7 @@ def reading_due(body: dict[str, Any], spec: InferenceDeploymentSpec, now: dateti
     last = (status.get("observed") or {}).get("updatedAt")
     if not last:
         return True
-    when = datetime.fromisoformat(str(last).replace("Z", "+00:00"))
-    return (now - when).total_seconds() >= spec.observe.interval_seconds
+    return (now - parse_rfc3339(last)).total_seconds() >= spec.observe.interval_seconds
 
 
 def observe(api: ApiClient, body: dict[str, Any], config: OperatorConfig, now: datetime | None = None) -> Observed:

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from leanserve.controller import builders
+from leanserve.controller.conditions import parse_rfc3339
 from leanserve.controller.config import OperatorConfig
 from leanserve.controller.observe import Observed
 from leanserve.planner.unavailable import Unavailable
@@ -47,7 +48,7 @@ class ProfilingState:
 
 
 def _parse_time(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+    return parse_rfc3339(value) if value else None
 
 
 def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:

@@ -16,7 +16,6 @@ without samples gives an empty history.
 from __future__ import annotations
 
 import math
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,21 +23,18 @@ import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from leanserve.observer.client import ObserverUnavailable
+from leanserve.observer.client import ObserverUnavailable, check_url
+from leanserve.observer.queries import check_names, selector
 
 #: Prometheus refuses a range query of more points than this per series.
 MAX_POINTS = 11_000
 #: A rate needs two scrapes in its window; below a minute that is not sure with the usual 15-30 s scrapes.
 MIN_STEP_S = 60
 
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
 
 def request_rate_query(namespace: str, name: str, window_s: int) -> str:
     """PromQL: the deployment's requests per second, over every model and code, averaged over ``window_s``."""
-    selector = f'namespace="{namespace}",inferencedeployment="{name}"'
-    return f"sum(rate(leanserve_requests_total{{{selector}}}[{window_s}s]))"
+    return f"sum(rate(leanserve_requests_total{selector(namespace, name)}[{window_s}s]))"
 
 
 def request_rate_history(
@@ -72,12 +68,8 @@ def request_rate_history(
 
 
 def _check(url: str, namespace: str, name: str, days: int, step_s: int, timeout_s: float, now: datetime | None) -> None:
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"url: an http(s) URL of Prometheus, got {url!r}")
-    if not _NAMESPACE.match(namespace):
-        raise ValueError(f"namespace: a Kubernetes namespace name, got {namespace!r}")
-    if not _NAME.match(name):
-        raise ValueError(f"name: an InferenceDeployment name, got {name!r}")
+    check_url(url)
+    check_names(namespace, name)
     if days < 1:
         raise ValueError(f"days: at least 1, got {days}")
     if step_s < MIN_STEP_S:
