@@ -407,3 +407,14 @@ def test_without_a_new_history_the_last_warm_pool_stands():
     )
     floor = raised.status["observed"]["warmPool"]["minReplicas"]
     assert floor > 1 and down.status["plan"]["replicas"]["min"] == floor
+
+
+def test_observed_replicas_over_the_monthly_budget_are_over_budget():
+    doc = deployed(body(budget={"maxMonthlyCost": 10000}))
+    plan = doc["status"]["plan"]
+    price = CONFIG.prices.get(plan["instanceType"]).on_demand_usd_per_hour
+    many = reading(doc, rps=800, replicas=400.0)  # 400 replicas all month cost far more than $10k
+    d = decide(observed(doc, profiles=cached(), serving=serving(2), observation=many), PROMETHEUS)
+    cond = condition(d.status, "WithinBudget")
+    assert cond["reason"] == "ObservedOverBudget"
+    assert f"${400 * price * 730:.0f}/month > $10000" in cond["message"]

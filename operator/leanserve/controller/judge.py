@@ -17,7 +17,7 @@ from typing import Any
 from leanserve.api.spec import InferenceDeploymentSpec
 from leanserve.controller.conditions import Cond
 from leanserve.observer import Observation
-from leanserve.planner.plan import PlanOptions
+from leanserve.planner.plan import HOURS_PER_MONTH, PlanOptions
 
 #: The share of its capacity the planner loads each replica with, and the least a re-plan after SLA
 #: misses goes down to (each such re-plan takes a fifth off).
@@ -125,7 +125,7 @@ def judge(
         conditions.append(
             Cond("SLAMet", "True", "SLAMet", f"observed p{percentile:g} {latency:.1f} ms <= {target:g} ms")
         )
-    budget = _budget(spec, observation, cost, enough)
+    budget = _budget(spec, observation, cost, usd_per_hour, enough)
     if budget is not None:
         conditions.append(budget)
     drift = _drift(spec, band, observation, observed, predicted, previous) if enough else None
@@ -145,7 +145,9 @@ def _usd(x: float | None) -> str:
     return "$n/a" if x is None else f"${x:.4f}"
 
 
-def _budget(spec: InferenceDeploymentSpec, obs: Observation, cost: float | None, enough: bool) -> Cond | None:
+def _budget(
+    spec: InferenceDeploymentSpec, obs: Observation, cost: float | None, usd_per_hour: float, enough: bool
+) -> Cond | None:
     """WithinBudget on observed figures (None: not enough traffic yet; the predicted condition stands)."""
     b = spec.budget
     if not enough or cost is None or (b.max_cost_per_million_requests is None and b.max_monthly_cost is None):
@@ -154,8 +156,7 @@ def _budget(spec: InferenceDeploymentSpec, obs: Observation, cost: float | None,
     if b.max_cost_per_million_requests is not None and cost > b.max_cost_per_million_requests:
         over.append(f"observed ${cost:.4f}/1M > ${b.max_cost_per_million_requests:g}/1M")
     if b.max_monthly_cost is not None:
-        price_per_replica_hour = cost * obs.requests / 1e6 / max(obs.replicas * obs.window_s / 3600, 1e-9)
-        monthly = obs.replicas * price_per_replica_hour * 730
+        monthly = obs.replicas * usd_per_hour * HOURS_PER_MONTH
         if monthly > b.max_monthly_cost:
             over.append(f"observed {obs.replicas:.1f} replicas, ${monthly:.0f}/month > ${b.max_monthly_cost:g}")
     if over:
