@@ -34,3 +34,4 @@ ldflags="-s -w -X $v.Version=$version -X $v.Revision=unknown -X $v.Branch=HEAD -
 src="$(cd "$here/gomod" && go list -m -f '{{.Dir}}' "$module")"
 install -m 644 "$src/LICENSE" "$src/NOTICE" "$here/prometheus.yml" "$out/"
 echo "built prometheus $version in $((SECONDS - start)) s" >&2
+. "$here/../hack/go-cache-trim.sh" && trim_go_caches

@@ -8,6 +8,7 @@ this machine. Needs root, buildah, debootstrap, containerd and runc (`make test`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -29,6 +30,7 @@ import pytest
 import yaml
 
 from tests.container_harness import (
+    OPTIONAL_IMAGES,
     Containerd,
     built_images,
     free_port,
@@ -57,7 +59,7 @@ def images() -> dict[str, dict[str, Any]]:
 def containerd(tmp_path_factory: pytest.TempPathFactory, images: dict[str, dict[str, Any]]) -> Iterator[Containerd]:
     """A containerd of the suite's own; each archive is imported when a test first runs its image."""
     daemon = Containerd(Path(tmp_path_factory.mktemp("containerd")))
-    daemon.archives = {entry["ref"]: REPO / entry["archive"] for entry in images.values()}
+    daemon.archives = {e["ref"]: REPO / e["archive"] for e in images.values() if "skipped" not in e}
     daemon.start()
     try:
         yield daemon
@@ -73,6 +75,15 @@ def model_dir(tmp_path: Path) -> Path:
     make_mlp(folder / "model.onnx")
     world_readable(folder / "model.onnx")
     return world_readable(folder)
+
+
+def built(images: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """An image's manifest entry; the GPU image is left out where the disk had no room for its
+    build, and then its tests say so with the build's own reason."""
+    entry = images[name]
+    if "skipped" in entry:
+        pytest.skip(entry["skipped"])
+    return entry
 
 
 def serving_ref(images: dict[str, dict[str, Any]]) -> str:
@@ -94,6 +105,9 @@ def _model_server(containerd: Containerd, images: dict[str, Any], model_dir: Pat
 
 def test_the_manifest_names_each_archive_with_its_digest_and_size(images):
     for name, entry in images.items():
+        if "skipped" in entry:  # only an optional image, and then with the reason
+            assert name in OPTIONAL_IMAGES and "GB free" in entry["skipped"], entry
+            continue
         archive = REPO / entry["archive"]
         assert archive.exists(), name
         assert entry["ref"] == f"ghcr.io/leanserve/{name}:{entry['tag']}"
@@ -102,14 +116,14 @@ def test_the_manifest_names_each_archive_with_its_digest_and_size(images):
     # The goals of the images issue, as measured (README "Images" has the figures).
     assert images["operator"]["size_bytes"] < 250e6
     assert images["serving"]["size_bytes"] < 320e6
-    assert images["serving-gpu"]["size_bytes"] < 3.2e9
+    assert images["serving-gpu"].get("size_bytes", 0) < 3.2e9
     assert images["redis"]["size_bytes"] < 25e6
     assert images["prometheus"]["size_bytes"] < 100e6
 
 
 @pytest.mark.parametrize("name", ["serving", "operator", "serving-gpu", "redis", "prometheus"])
 def test_images_run_as_uid_10001_with_the_oci_labels(images, name):
-    config = image_config(REPO / images[name]["archive"])
+    config = image_config(REPO / built(images, name)["archive"])
     assert config["config"]["User"] == f"{UID}:{UID}"
     labels = config["config"]["Labels"]
     assert labels["org.opencontainers.image.version"] == images[name]["tag"]
@@ -362,6 +376,7 @@ except OSError as exc:
 
 
 def test_the_gpu_image_carries_cuda_and_cudnn_and_needs_only_the_node_driver(containerd, images):
+    built(images, "serving-gpu")
     assert images["serving-gpu"]["ref"] == images["serving"]["ref"].replace("/serving:", "/serving-gpu:")
     labels = image_config(REPO / images["serving-gpu"]["archive"])["config"]["Labels"]
     assert labels["org.opencontainers.image.title"] == "leanserve-serving-gpu"
@@ -376,6 +391,7 @@ def test_the_gpu_image_carries_cuda_and_cudnn_and_needs_only_the_node_driver(con
 
 def test_the_gpu_image_serves_on_the_cpu_where_no_gpu_is_present(containerd, images, model_dir):
     """kind's GPU-pool worker has no GPU: asked for CUDA, ONNX Runtime falls back to the CPU."""
+    built(images, "serving-gpu")
     port = free_port()
     proc = containerd.start_container(
         images["serving-gpu"]["ref"],
@@ -749,3 +765,15 @@ def test_the_kind_prometheus_finds_a_serving_pod_as_its_manifests_service_accoun
         for delete, name in ((rbac.delete_cluster_role_binding, binding), (rbac.delete_cluster_role, role)):
             with contextlib.suppress(client.ApiException):  # not there when its creation failed
                 delete(name["metadata"]["name"])
+
+
+def test_an_optional_image_the_disk_has_no_room_for_is_left_out_with_the_reason():
+    """`make test` on a machine with a small disk: the GPU image's build (about 15 GB at its
+    peak) is left out with the reason, not failed half way; a required image stops the build."""
+    spec = dataclasses.replace(image_build.IMAGES["serving-gpu"], disk_gb=1e9)
+    bases = ("localhost/leanserve/python-build:x", "localhost/leanserve/python-runtime:x", "3.11.2")
+    entry = image_build.build_image(spec, bases, "0.1.0", False, {}, optional=True)
+    assert entry["ref"] == "ghcr.io/leanserve/serving-gpu:0.1.0" and "archive" not in entry
+    assert "needs about 1000000000 GB free" in entry["skipped"] and "GB are free" in entry["skipped"]
+    with pytest.raises(SystemExit, match="not built: its build needs about"):
+        image_build.build_image(spec, bases, "0.1.0", False, {}, optional=False)

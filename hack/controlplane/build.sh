@@ -75,4 +75,5 @@ timed "kwok $kwok_version" kwok -- \
 timed "helm $helm_version" helm -- \
   -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version" -o "$bin/helm" helm.sh/helm/v3/cmd/helm
 echo "control plane binaries: built in $((SECONDS - total_start)) s into $bin" >&2
+. "$repo/hack/go-cache-trim.sh" && trim_go_caches
 echo "$bin"

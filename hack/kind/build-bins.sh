@@ -80,4 +80,5 @@ if [ ! -x "$bin/pause" ]; then
   strip "$bin/pause"
 fi
 echo "kind binaries: built in $((SECONDS - total_start)) s into $bin" >&2
+. "$repo/hack/go-cache-trim.sh" && trim_go_caches
 echo "$bin"
