@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,3 +125,24 @@ def mlp_request(values: list[float], **extra: Any) -> dict[str, Any]:
 
 def text_request(text: str) -> dict[str, Any]:
     return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}
+
+
+@contextlib.contextmanager
+def frozen(process: Process) -> Iterator[None]:
+    """``process`` stopped (SIGSTOP) for the block, as a model server stuck (a long pause, a throttled CPU):
+    it keeps its sockets, so calls connect and then wait; resumed (SIGCONT) afterwards, whatever happened."""
+    assert process.proc is not None
+    process.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.proc.send_signal(signal.SIGCONT)
+
+
+def until(check: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Poll ``check`` until it holds; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout:g} s")
+        time.sleep(0.05)

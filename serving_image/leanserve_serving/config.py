@@ -57,7 +57,10 @@ class SidecarConfig:
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 1024
-    """Requests waiting for a batch; beyond this the sidecar answers 429."""
+    """Requests waiting for a batch; beyond this the sidecar answers 429 (before reading the request)."""
+    max_queue_wait_s: float = 0.0
+    """Answer 429 at once when the expected wait for an answer (the batches in flight and queued, at the
+    recent upstream time per batch) exceeds this; 0: request_timeout_s (it could not be answered in time)."""
     upstream_concurrency: int = 2
     """Batches in flight to the model server at once."""
     request_timeout_s: float = 10.0
@@ -68,7 +71,21 @@ class SidecarConfig:
     """Answer repeated requests from the exact cache (needs redis_url)."""
     cache_ttl_seconds: int = 3600
     cache_exclude_fields: list[str] = dataclasses.field(default_factory=list)
+    cache_namespace: str = "default"
+    """Whose entries these are (the operator sets namespace/name of the InferenceDeployment): part of
+    every cache key, so deployments sharing a Redis never serve each other's answers."""
+    model_digest: str = ""
+    """What identifies the model file served (its sha256, and the variant): part of every cache key,
+    so a new model never serves the old one's answers."""
+    cache_hmac_key: str = dataclasses.field(default="", repr=False)
+    """The deployment's key for the integrity tag (HMAC-SHA256) of cache entries; the operator passes
+    it from a Secret as LEANSERVE_CACHE_HMAC_KEY. Empty: entries are checked by structure only."""
+    cache_hmac_key_file: str = ""
+    """A file holding that key instead (a mounted Secret); read at start-up."""
+    cache_max_entry_bytes: int = 4 * 1024 * 1024
+    """Larger cache entries are neither stored nor served."""
     semantic_enabled: bool = False
+    """Opt-in: a semantic hit answers a text with the answer of another, similar one (see README)."""
     semantic_threshold: float = 0.97
     semantic_max_entries: int = 100_000
     semantic_embedder: str = "minilm"

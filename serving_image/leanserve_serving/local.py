@@ -156,6 +156,8 @@ class _Supervisor(threading.Thread):
                 continue
             if time.monotonic() - started >= how.quick_s:
                 quick, backoff = 0, how.first_backoff_s
+            if proc.returncode in (0, -signal.SIGINT, -signal.SIGTERM) and self.stopping.wait(how.first_backoff_s):
+                return  # a stop asked of the whole process group (Ctrl-C) reaches this process a moment later
             quick += 1
             status = _exit_status(proc.returncode)
             if quick > how.max_quick_failures:

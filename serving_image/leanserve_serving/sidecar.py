@@ -1,10 +1,11 @@
 """The batching sidecar: the pod's front door, speaking v2 to clients and to any v2 upstream.
 
-Per request: decode and check it against the upstream model's metadata (a bad
-request never joins a batch), answer from the exact cache, then the semantic
-cache, else queue it for the dynamic batcher; store the answer in the caches
-on the way out. The upstream may be leanserve's model server, Triton or a
-KServe v2 server.
+Per request: take a place in the batcher's queue before reading it (a saturated
+sidecar refuses with 429 before paying for the decoding), decode and check it
+against the upstream model's metadata (a bad request never joins a batch),
+answer from the exact cache, then the semantic cache, else queue it for the
+dynamic batcher; store the answer in the caches on the way out. The upstream
+may be leanserve's model server, Triton or a KServe v2 server.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,14 +30,28 @@ from leanserve_serving.batcher import (
     BatchError,
     BatchStats,
     DynamicBatcher,
+    Place,
     QueueFullError,
     UpstreamShapeError,
+    WaitTooLongError,
 )
-from leanserve_serving.cache import ExactCache, RedisHealth, SemanticCache, connect, exact_key
+from leanserve_serving.cache import (
+    CacheRejectionError,
+    CacheScope,
+    Entry,
+    ExactCache,
+    RedisHealth,
+    SemanticCache,
+    check_outputs,
+    connect,
+    exact_key,
+    request_rows,
+)
 from leanserve_serving.config import SidecarConfig
 from leanserve_serving.embedders import make_embedder
 from leanserve_serving.http import (
     BATCH_BUCKETS,
+    CANCEL_ON_DISCONNECT,
     drainable,
     error_response,
     json_response,
@@ -70,6 +86,7 @@ LATENCY_BUCKETS = tuple(
 #: The batcher's errors as HTTP statuses: the batcher knows no transport, the sidecar chooses here.
 BATCH_ERROR_STATUS: dict[type[BatchError], int] = {
     QueueFullError: 429,  # Too Many Requests (with Retry-After): come back shortly
+    WaitTooLongError: 429,  # the queue ahead would outlast the request's timeout: come back shortly
     AnswerTimeoutError: 504,  # Gateway Timeout: the model did not answer within the request's timeout
     UpstreamShapeError: 502,  # Bad Gateway: the upstream's answer to a batch cannot be split back
 }
@@ -82,6 +99,23 @@ UNKNOWN_MODEL = "_unknown"
 
 #: Statuses a client should retry after a pause: answered with ``Retry-After: 1``.
 RETRY_LATER = frozenset({429, 503})
+
+#: The status counted for a request whose client went away before its answer (nginx's "client closed request").
+CLIENT_GONE = 499
+
+#: Upstream client errors every member of a batch would meet alone too (unknown model, timeout, overload):
+#: a batch failing with one is not bisected.
+SHARED_CLIENT_ERRORS = frozenset({404, 408, 429})
+
+#: The least time between two reads of a model's inputs prompted by requests they refused: a flood of bad
+#: requests is no flood of metadata reads.
+SPEC_REREAD_S = 1.0
+
+
+def one_members_fault(exc: Exception) -> bool:
+    """Whether a failed batch's error may be one member's doing (a 4xx from the upstream, but those in
+    :data:`SHARED_CLIENT_ERRORS`): the batcher then bisects the batch rather than fail every member."""
+    return isinstance(exc, ProtocolError) and 400 <= exc.status < 500 and exc.status not in SHARED_CLIENT_ERRORS
 
 
 def http_error(exc: ProtocolError | BatchError) -> ProtocolError:
@@ -119,6 +153,15 @@ class SidecarMetrics:
         self.queue_depth = Gauge("leanserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
         self.cache_hits = Counter("leanserve_cache_hits_total", "Cache hits by kind", ["kind"], registry=r)
         self.cache_misses = Counter("leanserve_cache_misses_total", "Cache misses by kind", ["kind"], registry=r)
+        self.cache_rejected = Counter(
+            "leanserve_cache_rejected_total",
+            "Cache entries refused (served as misses) by kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.cache_sync_errors = Counter(
+            "leanserve_cache_sync_errors_total", "Failed syncs of the shared semantic index", registry=r
+        )
         self.redis_up = Gauge(
             "leanserve_redis_up", "1 when the cache's Redis answers, 0 when serving uncached", registry=r
         )
@@ -126,7 +169,8 @@ class SidecarMetrics:
 
 
 class Upstream:
-    """A v2 server reached over HTTP: infer, metadata (cached per model) and readiness."""
+    """A v2 server reached over HTTP: infer, metadata (cached per model until the upstream turns ready again:
+    it may be another model server on the same port) and readiness."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, metrics: SidecarMetrics) -> None:
         self.base_url = base_url.rstrip("/")
@@ -134,10 +178,16 @@ class Upstream:
         self.metrics = metrics
         self.ready = False
         self.specs: dict[str, list[TensorSpec]] = {}
+        self.output_specs: dict[str, list[TensorSpec]] = {}
+        self.reread_at: dict[str, float] = {}
+        """When each model's metadata was last read again (monotonic): spaced by :data:`SPEC_REREAD_S`."""
 
     def mark(self, ready: bool) -> None:
         if ready != self.ready:
             log.info("upstream %s ready=%s", self.base_url, ready)
+        if ready and not self.ready:  # back from not ready: maybe another model on the same port
+            self.specs.clear()
+            self.output_specs.clear()
         self.ready = ready
         self.metrics.upstream_up.set(1 if ready else 0)
 
@@ -162,13 +212,26 @@ class Upstream:
             self.mark(status == 200)
         return self.ready
 
-    async def model_inputs(self, model: str) -> list[TensorSpec]:
-        if model not in self.specs:
+    async def model_inputs(self, model: str, reread: bool = False) -> list[TensorSpec]:
+        """The model's declared inputs, read once and kept until the upstream turns ready again; ``reread``
+        reads them anew unless the last re-read was less than :data:`SPEC_REREAD_S` ago."""
+        now = time.monotonic()
+        stale = reread and now - self.reread_at.get(model, now - SPEC_REREAD_S) >= SPEC_REREAD_S
+        if stale:
+            self.reread_at[model] = now
+        if model not in self.specs or stale:
             status, meta = await self.call("GET", f"/v2/models/{model}")
             if status != 200:
+                self.specs.pop(model, None)
                 raise ProtocolError(status, meta.get("error", f"upstream answered {status}"))
+            self.output_specs[model] = [TensorSpec.from_json(o) for o in meta.get("outputs", [])]
             self.specs[model] = [TensorSpec.from_json(i) for i in meta.get("inputs", [])]
         return self.specs[model]
+
+    async def model_outputs(self, model: str) -> list[TensorSpec]:
+        """The model's declared outputs (read with its inputs): what a cached answer is checked against."""
+        await self.model_inputs(model)
+        return self.output_specs[model]
 
     async def infer(self, model: str, request: InferRequest) -> list[Tensor]:
         body = {"inputs": [t.to_json() for t in request.inputs]}
@@ -203,30 +266,52 @@ class Lookup:
     """The text's embedding, made by the lookup: storing the answer must not pay for it again."""
 
 
+def cache_scope(config: SidecarConfig) -> CacheScope:
+    """The deployment's cache namespace, model digest, integrity key and size limit, from the settings."""
+    key = config.cache_hmac_key
+    if not key and config.cache_hmac_key_file:
+        with open(config.cache_hmac_key_file, encoding="utf-8") as file:
+            key = file.read().strip()
+    return CacheScope(
+        namespace=config.cache_namespace or "default",
+        model_digest=config.model_digest,
+        hmac_key=key.encode() if key else None,
+        max_entry_bytes=config.cache_max_entry_bytes,
+    )
+
+
 class ResponseCaches:
     """The cache policy over one Redis: the exact cache first (a hash, cheap), then the semantic cache (an
-    embedding, dearer), else the model, whose answer is stored in both on the way out."""
+    embedding, dearer), else the model, whose answer is stored in both on the way out.
+
+    A hit is served only once its record verified and its outputs are what the model declares for this
+    request; its model name and version are the sidecar's. A refused entry is a miss, counted by reason.
+    """
 
     def __init__(self, config: SidecarConfig, metrics: SidecarMetrics) -> None:
         self.config = config
         self.metrics = metrics
+        self.scope = cache_scope(config)
+        if self.scope.hmac_key is None:
+            log.warning("no cache_hmac_key: cache entries are checked by structure only, not authenticated")
         self.redis = connect(config.redis_url)
         self.health = RedisHealth(lambda up: metrics.redis_up.set(1 if up else 0))
         self.exact = (
-            ExactCache(self.redis, self.health, config.cache_ttl_seconds, config.cache_exclude_fields)
+            ExactCache(self.redis, self.health, config.cache_ttl_seconds, config.cache_exclude_fields, self.scope)
             if config.exact_enabled
             else None
         )
         self.embedder = make_embedder(config.semantic_embedder) if config.semantic_enabled else None
         self.semantic: dict[str, SemanticCache] = {}
 
-    async def lookup(self, model: str, request: InferRequest) -> Lookup:
-        """Ask the exact cache, then the semantic one (counting hits and misses by kind)."""
+    async def lookup(self, model: str, request: InferRequest, outputs: list[TensorSpec]) -> Lookup:
+        """Ask the exact cache, then the semantic one (counting hits, misses and refusals by kind);
+        ``outputs`` are the model's declared outputs, which a hit must match."""
         found = Lookup()
-        if self.exact is not None:
-            found.exact_key = exact_key(model, self.config.model_version, request, self.exact.exclude)
-            found.body = await self.exact.get(found.exact_key)
-            self._count("exact", found.body)
+        exact = self.exact
+        if exact is not None:
+            key = found.exact_key = exact_key(model, self.config.model_version, request, exact.exclude, self.scope)
+            found.body = await self._served("exact", model, request, outputs, lambda: exact.get(key))
             if found.body is not None:
                 found.source = "exact"
                 return found
@@ -234,11 +319,40 @@ class ResponseCaches:
         text = SemanticCache.text_of(request) if semantic is not None else None
         if semantic is not None and text is not None:
             found.semantic, found.text = semantic, text
-            found.body, _, found.vector = await semantic.get(text)
-            self._count("semantic", found.body)
+
+            async def ask() -> Entry | None:
+                entry, _, found.vector = await semantic.get(text)
+                return entry
+
+            found.body = await self._served("semantic", model, request, outputs, ask)
             if found.body is not None:
                 found.source = "semantic"
         return found
+
+    async def _served(
+        self,
+        kind: str,
+        model: str,
+        request: InferRequest,
+        outputs: list[TensorSpec],
+        ask: Callable[[], Awaitable[Entry | None]],
+    ) -> dict[str, Any] | None:
+        """The response body of a verified hit (the sidecar's model name and version, the entry's checked
+        outputs), or None for a miss; a refused entry is logged, counted and a miss."""
+        try:
+            entry = await ask()
+            body = None
+            if entry is not None:
+                checked = check_outputs(entry.body, outputs, request_rows(request), request.outputs)
+                body = {"model_name": model, "outputs": checked}
+                if self.config.model_version:
+                    body["model_version"] = self.config.model_version
+        except CacheRejectionError as exc:
+            log.warning("cache entry refused kind=%s model=%s reason=%s detail=%s", kind, model, exc.reason, exc.detail)
+            self.metrics.cache_rejected.labels(kind, exc.reason).inc()
+            body = None
+        self._count(kind, body)
+        return body
 
     async def remember(self, found: Lookup, body: dict[str, Any]) -> None:
         """Store the model's answer (without the request id) in the caches the lookup missed."""
@@ -264,6 +378,8 @@ class ResponseCaches:
                 threshold=self.config.semantic_threshold,
                 max_entries=self.config.semantic_max_entries,
                 ttl_s=self.config.cache_ttl_seconds,
+                scope=self.scope,
+                on_reject=lambda reason: self.metrics.cache_rejected.labels("semantic_index", reason).inc(),
             )
             await cache.sync()  # start from the index other replicas share
         return cache
@@ -306,6 +422,7 @@ class Sidecar:
         self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
         self.drain = drainable(self.app)
         self.app[SIDECAR] = self
+        self.app[CANCEL_ON_DISCONNECT] = True
         self.app.on_startup.append(self.startup)
         self.app.on_cleanup.append(self.cleanup)
         router = self.app.router
@@ -350,15 +467,25 @@ class Sidecar:
                 on_batch=lambda model, size: self.metrics.batch_size.labels(model).observe(size),
                 on_queue_depth=lambda model, depth: self.metrics.queue_depth.labels(model).set(depth),
             ),
+            isolate=one_members_fault,
+            max_queue_wait_s=self.config.max_queue_wait_s or self.config.request_timeout_s,
         )
 
     async def watch(self, state: SidecarState) -> None:
-        """Keep readiness and the shared semantic index fresh."""
+        """Keep readiness and the shared semantic index fresh.
+
+        Readiness must follow the model server whatever the cache does: a failed sync (anything
+        in the shared Redis may be hostile) is logged, counted, and tried again next round."""
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             await state.upstream.check_ready()
-            if state.caches is not None:
+            if state.caches is None:
+                continue
+            try:
                 await state.caches.sync()
+            except Exception:
+                self.metrics.cache_sync_errors.inc()
+                log.exception("semantic index sync failed; serving goes on")
 
     async def cleanup(self, _: web.Application) -> None:
         state = self._state
@@ -370,14 +497,31 @@ class Sidecar:
         if state.caches is not None:
             await state.caches.close()
 
-    async def answer(self, model: str, request: InferRequest) -> tuple[dict[str, Any], Source]:
-        """The response body and where it came from (exact, semantic or model)."""
+    async def check(self, model: str, request: InferRequest) -> None:
+        """Check ``request`` against the model's inputs (a bad request never joins a batch). When they refuse
+        it, read them again once and check again: a model server restarted with another model between two
+        health checks must not be judged by the old model's shapes."""
+        upstream = self.state.upstream
+        try:
+            check_inputs(await upstream.model_inputs(model), request)
+        except ProtocolError:
+            check_inputs(await upstream.model_inputs(model, reread=True), request)
+
+    async def answer(
+        self, model: str, request: InferRequest, place: Place | None = None
+    ) -> tuple[dict[str, Any], Source]:
+        """The response body and where it came from (exact, semantic or model); ``place`` is the request's
+        place in the batcher's queue, taken before it was read."""
         state = self.state
-        check_inputs(await state.upstream.model_inputs(model), request)  # a bad request never joins a batch
-        found = await state.caches.lookup(model, request) if state.caches is not None else Lookup()
+        await self.check(model, request)
+        found = (
+            await state.caches.lookup(model, request, await state.upstream.model_outputs(model))
+            if state.caches is not None
+            else Lookup()
+        )
         if found.body is not None:
             return found.body, found.source
-        outputs = await state.batcher.submit(model, request, self.config.request_timeout_s)
+        outputs = await state.batcher.submit(model, request, self.config.request_timeout_s, place)
         body = encode_response(model, self.config.model_version, None, outputs)
         if state.caches is not None:
             await state.caches.remember(found, body)
@@ -387,10 +531,12 @@ class Sidecar:
         model = request.match_info["name"]
         start = time.perf_counter()
         code = 500  # until the request is answered: anything unforeseen reaches the middleware as a 500
+        place: Place | None = None
         try:
             check_model_name(model)
+            place = self.state.batcher.admit()  # before the body is read: refusing costs no decoding
             decoded = decode_request(await read_body(request))
-            body, source = await self.answer(model, decoded)
+            body, source = await self.answer(model, decoded, place)
             if decoded.id is not None:
                 body = {**body, "id": decoded.id}
             response = json_response(body, headers={"X-Leanserve-Source": source})
@@ -404,7 +550,12 @@ class Sidecar:
         except web.HTTPException as exc:  # 413: the body is over the limit
             code = exc.status
             raise
+        except asyncio.CancelledError:  # the client went away (its request is not sent upstream)
+            code = CLIENT_GONE
+            raise
         finally:
+            if place is not None:
+                place.release()
             label = self.model_label(model)
             self.metrics.requests.labels(label, str(code)).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)

@@ -166,6 +166,53 @@ def _parameters(raw: Any, where: str) -> dict[str, Any]:
     raise ProtocolError(400, f"{where} nested deeper than {MAX_PARAMETER_DEPTH} levels")
 
 
+def typed_array(flat: list[Any], datatype: str) -> np.ndarray:
+    """``flat`` as a 1-D array of ``datatype``, refusing every value the datatype cannot hold (a ValueError or
+    TypeError naming the first one).
+
+    numpy's cast alone would let them through changed: 1e39 becomes inf in FP32 (which JSON cannot carry: it
+    is re-encoded as null, and the model server then refuses the whole batch it was merged into), 300
+    wraps to 44 in INT8, 1.5 truncates to 1, 2 reads as true. The sidecar re-encodes what it decoded, so a
+    value must survive the round trip unchanged (up to a float's rounding) to be accepted.
+    """
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise TypeError("BYTES data must be strings")
+        return np.array(flat, dtype=object)
+    array = np.array(flat)  # numbers give a numeric array; strings, nulls, objects or huge integers do not
+    if not flat:
+        return array.astype(DATATYPES[datatype])
+    kind = array.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b":
+            raise TypeError("BOOL data must be true or false")
+        return array
+    if kind not in "biuf":
+        raise TypeError(f"{datatype} data must be numbers")
+    dtype = np.dtype(DATATYPES[datatype])
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            typed = array.astype(dtype)
+        _refuse_first(flat, ~np.isfinite(typed), f"out of the range of {datatype} (±{np.finfo(dtype).max:.4g})")
+        return typed
+    if kind == "f":
+        _refuse_first(flat, array != np.trunc(array), f"not an integer, as {datatype} needs")
+    info = np.iinfo(dtype)
+    if kind != "b":  # exact bounds: python ints, as numpy would compare int64 with 2**64 - 1 as floats
+        low, high = int(np.argmin(array)), int(np.argmax(array))
+        for index in (low, high):
+            if not info.min <= int(array[index]) <= info.max:
+                raise ValueError(f"element {index} ({flat[index]!r}) is out of the range of {datatype}")
+    return array.astype(dtype)
+
+
+def _refuse_first(flat: list[Any], bad: np.ndarray, why: str) -> None:
+    """A ValueError naming the first element of ``flat`` that ``bad`` marks, if any."""
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"element {index} ({flat[index]!r}) is {why}")
+
+
 def decode_tensor(raw: Any, where: str) -> Tensor:
     """Validate one JSON tensor and turn it into a numpy-backed :class:`Tensor`."""
     if not isinstance(raw, dict):
@@ -186,15 +233,7 @@ def decode_tensor(raw: Any, where: str) -> Tensor:
     if len(flat) != expected:
         raise ProtocolError(400, f"input '{name}': shape {shape} needs {expected} elements, got {len(flat)}")
     try:
-        if datatype == "BYTES":
-            if not all(isinstance(v, str) for v in flat):
-                raise TypeError("BYTES data must be strings")
-            array = np.array(flat, dtype=object).reshape(shape)
-        else:
-            array = np.array(flat)  # numbers give a numeric array; strings, nulls or objects do not
-            if flat and array.dtype.kind not in "biuf":
-                raise TypeError(f"{datatype} data must be numbers")
-            array = array.astype(DATATYPES[datatype], copy=False).reshape(shape)
+        array = typed_array(flat, datatype).reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(400, f"input '{name}': data does not match datatype {datatype}: {exc}") from None
     return Tensor(name, datatype, tuple(shape), array, _parameters(raw.get("parameters"), f"{where}.parameters"))
