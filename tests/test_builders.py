@@ -68,6 +68,7 @@ def test_every_object_is_owned_labelled_and_in_the_namespace():
     objects = render_all(OWNER, spec(), plan(), CPU, BuildSettings())
     kinds = [f"{o['kind']}/{o['metadata']['name']}" for o in objects]
     assert kinds == [
+        "Secret/fraud-cache-key",
         "Deployment/fraud-redis",
         "Service/fraud-redis",
         "ConfigMap/fraud-sidecar",
@@ -266,3 +267,20 @@ def test_the_serving_pod_stops_without_losing_a_request():
     model_stops_serving = prestop["model-server"] + model.drain_seconds
     assert model_stops_serving > sidecar_done, "the model server serves until the sidecar is gone"
     assert pod["terminationGracePeriodSeconds"] >= model_stops_serving + model.shutdown_timeout_s + 5
+
+
+def test_the_cache_key_comes_from_a_secret_without_data_and_the_keys_are_scoped():
+    """The sidecar reads its HMAC key from the deployment's Secret (secretKeyRef); the rendered Secret
+    holds no key (the reconciler creates it once with a random one); cache keys are scoped."""
+    objects = {
+        f"{o['kind']}/{o['metadata']['name']}": o for o in render_all(OWNER, spec(), plan(), CPU, BuildSettings())
+    }
+    secret = objects["Secret/fraud-cache-key"]
+    assert not {"data", "stringData"} & secret.keys()
+    env = {e["name"]: e for e in containers(objects["Deployment/fraud"])["sidecar"]["env"]}
+    assert env["LEANSERVE_CACHE_HMAC_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "fraud-cache-key", "key": "hmac-key"}
+    }
+    settings = json.loads(objects["ConfigMap/fraud-sidecar"]["data"]["sidecar.json"])
+    assert settings["cache_namespace"] == f"{OWNER.namespace}/fraud"
+    assert settings["model_digest"].endswith(":" + plan().variant)

@@ -8,6 +8,7 @@ measured on a simulated node; pods do not run, kwok marks them Running and Ready
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -99,6 +100,7 @@ def owned(kube: Any, ns: str, name: str) -> dict[str, dict[str, Any]]:
         "Deployment": client.AppsV1Api(kube).list_namespaced_deployment,
         "Service": client.CoreV1Api(kube).list_namespaced_service,
         "ConfigMap": client.CoreV1Api(kube).list_namespaced_config_map,
+        "Secret": client.CoreV1Api(kube).list_namespaced_secret,
         "HorizontalPodAutoscaler": client.AutoscalingV2Api(kube).list_namespaced_horizontal_pod_autoscaler,
         "PodDisruptionBudget": client.PolicyV1Api(kube).list_namespaced_pod_disruption_budget,
     }
@@ -159,6 +161,7 @@ def test_apply_creates_every_object_on_the_planned_pool_and_reports(kube, operat
         "Service/fraud",
         "Service/fraud-redis",
         "ConfigMap/fraud-sidecar",
+        "Secret/fraud-cache-key",
         "HorizontalPodAutoscaler/fraud",
         "PodDisruptionBudget/fraud",
     }
@@ -305,15 +308,18 @@ def test_reconciling_an_unchanged_spec_writes_nothing(kube, operator, ns):
     before, body = versions(owned(kube, ns, "steady")), read(kube, ns, "steady")
     outcome = reconcile(kube, body, OperatorConfig())
     assert outcome.status_written is False
-    assert len(outcome.applied) == 7
-    assert versions(owned(kube, ns, "steady")) == before
+    assert len(outcome.applied) == 8
+    assert versions(owned(kube, ns, "steady")) == before  # the cache key Secret included: made once
+    # The sidecar's HMAC key: random, made by the operator, read by the pod through secretKeyRef.
+    key = client.CoreV1Api(kube).read_namespaced_secret("steady-cache-key", ns).data["hmac-key"]
+    assert len(base64.b64decode(key)) >= 32
     assert read(kube, ns, "steady")["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"]
 
 
 def test_delete_garbage_collects_everything_owned(kube, operator, ns):
     create(kube, ns, doc("gone"))
     wait_phase(kube, ns, "gone", "Ready")
-    assert len(owned(kube, ns, "gone")) == 7
+    assert len(owned(kube, ns, "gone")) == 8
     custom(kube).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "gone")
     # The garbage collector (kube-controller-manager) does the work; it may first need to discover the CRD.
     wait_for("every owned object deleted", lambda: owned(kube, ns, "gone") == {}, timeout=120)
@@ -352,10 +358,14 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
     assert access(kube, "patch", "deployments", "apps") and access(
         kube, "patch", "inferencedeployments", "leanserve.dev", subresource="status"
     )
-    # No broader: no secrets, no pods or exec, no deleting what it does not prune, no RBAC, no nodes.
+    # Secrets: it makes each deployment's cache key and never reads one back.
+    assert access(kube, "create", "secrets") and access(kube, "patch", "secrets")
+    # No broader: no reading secrets, no pods or exec, no deleting what it does not prune, no RBAC, no nodes.
     forbidden = [
         ("get", "secrets", ""),
         ("list", "secrets", ""),
+        ("watch", "secrets", ""),
+        ("delete", "secrets", ""),
         ("create", "pods", ""),
         ("delete", "configmaps", ""),
         ("delete", "horizontalpodautoscalers", "autoscaling"),
@@ -378,7 +388,7 @@ def test_the_charts_rbac_is_enough_and_no_broader(kube, helm, operator):
     (role,) = [d for d in render_chart(helm) if d["kind"] == "ClusterRole"]
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
-        assert "secrets" not in rule["resources"], rule
+        assert "secrets" not in rule["resources"] or set(rule["verbs"]) == {"create", "patch"}, rule
         assert "delete" not in rule["verbs"] or set(rule["resources"]) <= {"deployments", "services"}, rule
     binding = next(d for d in render_chart(helm) if d["kind"] == "ClusterRoleBinding")
     assert binding["roleRef"]["name"] != "cluster-admin"

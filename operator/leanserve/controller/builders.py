@@ -124,6 +124,33 @@ def config_name(owner: Owner) -> str:
     return f"{owner.name}-sidecar"
 
 
+def cache_key_name(owner: Owner) -> str:
+    return f"{owner.name}-cache-key"
+
+
+#: The key of the cache's HMAC key in its Secret.
+CACHE_KEY_FIELD = "hmac-key"
+
+
+def caches_on(spec: InferenceDeploymentSpec) -> bool:
+    return spec.cache.exact.enabled or spec.cache.semantic.enabled
+
+
+def render_cache_key_secret(owner: Owner) -> dict[str, Any]:
+    """The Secret holding the deployment's key for the integrity tags of its cache entries.
+
+    Rendered without its data: the reconciler creates it once with a random key (see
+    ``kube.ensure_created``) and later applies leave the key alone, so it is stable across
+    reconciles and pods, and never appears in a manifest, a plan or a log.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(owner, cache_key_name(owner), "cache"),
+    }
+
+
 def wants_managed_redis(spec: InferenceDeploymentSpec) -> bool:
     """A managed Redis runs when a cache is on and the spec names no Redis of its own."""
     cache = spec.cache
@@ -152,6 +179,9 @@ def sidecar_settings(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidat
         "semantic_enabled": cache.semantic.enabled,
         "semantic_threshold": cache.semantic.threshold,
         "semantic_max_entries": cache.semantic.max_entries,
+        # Entries of another deployment, or of another model file or variant, never meet these.
+        "cache_namespace": f"{owner.namespace}/{owner.name}",
+        "model_digest": f"{spec.model.sha256 or spec.model.uri}:{plan.variant}",
         "request_timeout_s": SIDECAR_REQUEST_TIMEOUT_S,
         "drain_seconds": SIDECAR_DRAIN_S,
     }
@@ -390,7 +420,10 @@ def render_deployment(
                 "name": "sidecar",
                 "image": image,
                 "command": ["python", "-m", "leanserve_serving.sidecar"],
-                "env": [{"name": "LEANSERVE_CONFIG_FILE", "value": "/etc/leanserve/sidecar.json"}],
+                "env": [
+                    {"name": "LEANSERVE_CONFIG_FILE", "value": "/etc/leanserve/sidecar.json"},
+                    *_cache_key_env(owner, spec),
+                ],
                 "ports": [{"name": "http", "containerPort": SIDECAR_PORT}],
                 "resources": sidecar_res,
                 "securityContext": CONTAINER_SECURITY,
@@ -651,11 +684,20 @@ def render_profiling_job(
     }
 
 
+def _cache_key_env(owner: Owner, spec: InferenceDeploymentSpec) -> list[dict[str, Any]]:
+    """The sidecar's cache HMAC key, from the deployment's Secret, when a cache is on."""
+    if not caches_on(spec):
+        return []
+    ref = {"name": cache_key_name(owner), "key": CACHE_KEY_FIELD}
+    return [{"name": "LEANSERVE_CACHE_HMAC_KEY", "valueFrom": {"secretKeyRef": ref}}]
+
+
 def render_all(
     owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate, itype: InstanceType, settings: BuildSettings
 ) -> list[dict[str, Any]]:
     """Every object of the deployment, in apply order."""
-    objects = render_redis(owner, spec, settings) if wants_managed_redis(spec) else []
+    objects = [render_cache_key_secret(owner)] if caches_on(spec) else []
+    objects += render_redis(owner, spec, settings) if wants_managed_redis(spec) else []
     return [
         *objects,
         render_config(owner, spec, plan),

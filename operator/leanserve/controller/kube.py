@@ -27,6 +27,7 @@ log = logging.getLogger("leanserve.operator")
 #: (apiVersion, kind) -> (path prefix, plural) of every kind the operator applies.
 RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),
     ("v1", "Service"): ("/api/v1", "services"),
     ("v1", "Event"): ("/api/v1", "events"),
     ("v1", "Pod"): ("/api/v1", "pods"),
@@ -103,15 +104,16 @@ def apply(api: ApiClient, obj: dict[str, Any], field_manager: str = FIELD_MANAGE
     )
 
 
-def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any]) -> bool:
-    """Create ``obj`` with ``initial`` merged into its spec, unless it exists; True when created.
+def ensure_created(api: ApiClient, obj: dict[str, Any], initial: dict[str, Any], into: str = "spec") -> bool:
+    """Create ``obj`` with ``initial`` merged into its ``into`` field, unless it exists; True when created.
 
     Used for a Deployment's replicas: set once at creation under ``CREATE_MANAGER``
     (an Update, not an Apply), so later applies that leave replicas out do not
-    reset it, and the HPA owns it from then on.
+    reset it, and the HPA owns it from then on; and for the cache key Secret's
+    random key (``into="stringData"``), which later applies leave alone the same way.
     """
     body = json.loads(json.dumps(obj))
-    body["spec"].update(initial)
+    body.setdefault(into, {}).update(initial)
     try:
         request(
             api,

@@ -13,12 +13,13 @@ retry vocabulary), and no planning or manifest logic (planner, builders).
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiClient
 
-from leanserve.controller import kube, profile_store
+from leanserve.controller import builders, kube, profile_store
 from leanserve.controller.conditions import same_status, transitions
 from leanserve.controller.config import OperatorConfig
 from leanserve.controller.decide import Decision, availability_status, decide
@@ -73,6 +74,9 @@ def act(api: ApiClient, observed: Observed, decision: Decision, config: Operator
     for manifest in decision.apply:
         if decision.initial_replicas is not None and _is_serving(manifest, owner.name):
             kube.ensure_created(api, manifest, {"replicas": decision.initial_replicas})
+        if manifest["kind"] == "Secret" and manifest["metadata"]["name"] == builders.cache_key_name(owner):
+            key = {builders.CACHE_KEY_FIELD: secrets.token_urlsafe(32)}  # the one impure value: made here, once
+            kube.ensure_created(api, manifest, key, into="stringData")
         kube.apply(api, manifest)
         outcome.applied.append(f"{manifest['kind']}/{manifest['metadata']['name']}")
     for stale in decision.delete:
