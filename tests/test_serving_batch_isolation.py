@@ -5,6 +5,7 @@ Real model-server processes (ONNX Runtime sessions) behind the real sidecar, ove
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -201,3 +202,29 @@ def test_a_restart_the_sidecar_did_not_notice_is_caught_by_reading_the_inputs_ag
     status, err, _ = post(infer, wide)
     assert status == 400
     assert "has shape [1, 2, 9], the model expects [-1, -1, 8]" in err["error"]
+
+
+def test_names_the_upstream_does_not_serve_leave_nothing_behind_in_the_sidecar(models, workdir, started):
+    """A flood of unknown model names gets 404s and no re-read of anything: the sidecar keeps state for the
+    models the upstream serves only (its memory must not grow with the names clients send)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from leanserve_serving.config import SidecarConfig
+    from leanserve_serving.sidecar import SIDECAR, create_app
+
+    server = start(started, model_server(models["mlp"], "m", workdir))
+
+    async def run() -> tuple[list[int], dict[str, Any], dict[str, Any]]:
+        app = create_app(SidecarConfig(upstream=server.url, health_interval_s=3600))
+        async with TestClient(TestServer(app)) as client:
+            ok = await client.post("/v2/models/m/infer", json=mlp_request(rows(1, 0)[0]))
+            codes = [ok.status]
+            for i in range(300):
+                resp = await client.post(f"/v2/models/nope-{i}/infer", json=mlp_request(rows(1, 0)[0]))
+                codes.append(resp.status)
+            upstream = app[SIDECAR].state.upstream
+            return codes, dict(upstream.specs), dict(upstream.reread_at)
+
+    codes, specs, reread_at = asyncio.run(run())
+    assert codes[0] == 200 and set(codes[1:]) == {404}
+    assert list(specs) == ["m"] and reread_at == {}

@@ -223,6 +223,7 @@ class Upstream:
             status, meta = await self.call("GET", f"/v2/models/{model}")
             if status != 200:
                 self.specs.pop(model, None)
+                self.reread_at.pop(model, None)  # kept for served models only: bounded whatever names clients send
                 raise ProtocolError(status, meta.get("error", f"upstream answered {status}"))
             self.output_specs[model] = [TensorSpec.from_json(o) for o in meta.get("outputs", [])]
             self.specs[model] = [TensorSpec.from_json(i) for i in meta.get("inputs", [])]
@@ -502,8 +503,9 @@ class Sidecar:
         it, read them again once and check again: a model server restarted with another model between two
         health checks must not be judged by the old model's shapes."""
         upstream = self.state.upstream
+        inputs = await upstream.model_inputs(model)  # a model the upstream does not serve: its 404, no re-read
         try:
-            check_inputs(await upstream.model_inputs(model), request)
+            check_inputs(inputs, request)
         except ProtocolError:
             check_inputs(await upstream.model_inputs(model, reread=True), request)
 
