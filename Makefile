@@ -77,7 +77,7 @@ system-deps-kind:
 IMAGES ?= serving,operator,serving-gpu,redis,prometheus
 OPTIONAL_IMAGES ?= serving-gpu
 images: system-deps-go system-deps-images $(BIN)/.installed
-	@$(BIN)/python hack/images/build.py --images $(IMAGES) --optional $(OPTIONAL_IMAGES)
+	@$(BIN)/python hack/images/build.py --images $(IMAGES) --optional=$(OPTIONAL_IMAGES)
 
 # Build (or find cached) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm.
 controlplane: system-deps-go
