@@ -230,6 +230,8 @@ class SemanticCacheSpec(ApiModel):
     )
 
     enabled: bool = False
+    """Opt-in, with a risk: a text is answered with the cached answer of another, similar text. Guards
+    (numbers, negations, yes/no words, length) refuse the near-misses they recognise, not all of them."""
     threshold: float = 0.97
     """Cosine similarity above which a cached response is served, in (0, 1]."""
     embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, max_length=253)
