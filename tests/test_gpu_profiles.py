@@ -72,3 +72,39 @@ def test_a_cheap_enough_gpu_crosses_over_inside_the_sweep():
     assert at is not None and 1e7 < at <= 1e9
     below = [r for r in rows if r["requests_per_day"] < at]
     assert below and all(r["nvidia-h200"]["usd_per_1m"] >= r["local"]["usd_per_1m"] for r in below)
+
+
+def test_leanserve_plan_over_the_cpu_and_gpu_profiles_prices_both_as_the_crossover_script_does(tmp_path):
+    """The CLI a user runs (`leanserve plan --prices docs/gpu/prices-h200.yaml`) at the top of the sweep: both
+    instance types are feasible, the CPU wins, and the figures are the sweep's (one planner, one price)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from leanserve.planner.prices import load_prices
+
+    gx = crossover_module()
+    table = load_prices(REPO / "docs" / "gpu" / "prices-h200.yaml")
+    assert table.get("nvidia-h200").on_demand_usd_per_hour == pytest.approx(gx.H200_PRICE["usd_per_hour"] / 8)
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    for name in ("text-local.json", "text-nvidia-h200.json"):
+        shutil.copy(FIXTURES / name, profiles / name)
+    leanserve = Path(sys.executable).parent / "leanserve"
+    spec, prices = REPO / "docs" / "gpu" / "text-1b-per-day.yaml", REPO / "docs" / "gpu" / "prices-h200.yaml"
+    out = subprocess.run(
+        [str(leanserve), "plan", "-f", str(spec), "--profiles", str(profiles), "--prices", str(prices), "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    assert result["plan"]["instanceType"] == "local"
+    gpu = [c for c in result["candidates"] if c["instanceType"] == "nvidia-h200" and c["feasible"]]
+    assert gpu, "the H200 is a feasible candidate"
+    cheapest_gpu = min(c["costPerMillionRequests"] for c in gpu)
+    assert cheapest_gpu > result["plan"]["costPerMillionRequests"]
+    top = gx.sweep("text", "measured", gx.prices_with_h200(), per_day=[1e9])[0]
+    assert top["local"]["usd_per_1m"] == pytest.approx(result["plan"]["costPerMillionRequests"], rel=0.01)
+    assert top["nvidia-h200"]["usd_per_1m"] == pytest.approx(cheapest_gpu, rel=0.01)
