@@ -142,3 +142,12 @@ def operator(
     yield proc
     proc.stop()
     print(proc.text()[-3000:])
+
+
+@pytest.fixture
+def started() -> Iterator[list[Any]]:
+    """Processes a test starts (``tests.serving_harness.Process``); all killed afterwards, whatever failed."""
+    procs: list[Any] = []
+    yield procs
+    for p in procs:
+        p.stop(kill=True)

@@ -57,14 +57,6 @@ def redis_server(workdir: Path) -> Iterator[Process]:
     proc.stop()
 
 
-@pytest.fixture
-def started() -> Iterator[list[Process]]:
-    procs: list[Process] = []
-    yield procs
-    for p in procs:
-        p.stop(kill=True)
-
-
 def run_sidecar(started: list[Process], upstream: str, workdir: Path, **settings: object) -> Process:
     proc = sidecar(upstream, workdir, **settings).start()
     started.append(proc)

@@ -32,14 +32,6 @@ def upstream(workdir: Path) -> Iterator[Process]:
     proc.stop(kill=True)
 
 
-@pytest.fixture
-def started() -> Iterator[list[Process]]:
-    procs: list[Process] = []
-    yield procs
-    for p in procs:
-        p.stop(kill=True)
-
-
 def run_sidecar(started: list[Process], upstream: Process, workdir: Path, **settings: object) -> Process:
     """A sidecar sending one request at a time upstream (batches of one, one in flight)."""
     settings = {"max_batch_size": 1, "upstream_concurrency": 1, **settings}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def models(workdir: Path) -> dict[str, Path]:
     return {"mlp": make_mlp(workdir / "mlp.onnx"), "seq": make_seq(workdir / "seq.onnx")}
-
-
-@pytest.fixture
-def started() -> Iterator[list[Process]]:
-    """Processes a test starts; all stopped afterwards."""
-    procs: list[Process] = []
-    yield procs
-    for p in procs:
-        p.stop(kill=True)
 
 
 def start(started: list[Process], process: Process) -> Process:
