@@ -73,3 +73,39 @@ def make_text(path: Path) -> Path:
         [helper.make_tensor_value_info("normalized", TensorProto.STRING, ["batch"])],
     )
     return _save(graph, path)
+
+
+def make_log(path: Path) -> Path:
+    """``log``: the natural log of an FP32 [batch, 4] input, so that negative inputs give NaN, zero gives
+    -inf and infinity gives inf (for the non-finite outputs JSON cannot carry)."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"])],
+        "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return _save(graph, path)
+
+
+def make_kinds(path: Path) -> Path:
+    """``kinds``: BOOL, FP16 and INT64 inputs [batch, 3], each answered in its own datatype (not, doubled,
+    negated): the fixed-size datatypes of the binary extension other than FP32."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Not", ["flag"], ["flag_out"]),
+            helper.make_node("Add", ["half", "half"], ["half_out"]),
+            helper.make_node("Neg", ["count"], ["count_out"]),
+        ],
+        "kinds",
+        [
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, ["batch", 3]),
+            helper.make_tensor_value_info("half", TensorProto.FLOAT16, ["batch", 3]),
+            helper.make_tensor_value_info("count", TensorProto.INT64, ["batch", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("flag_out", TensorProto.BOOL, ["batch", 3]),
+            helper.make_tensor_value_info("half_out", TensorProto.FLOAT16, ["batch", 3]),
+            helper.make_tensor_value_info("count_out", TensorProto.INT64, ["batch", 3]),
+        ],
+    )
+    return _save(graph, path)

@@ -146,3 +146,13 @@ def until(check: Callable[[], bool], timeout: float = 10, what: str = "condition
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout:g} s")
         time.sleep(0.05)
+
+
+def post_raw(url: str, body: bytes, headers: dict[str, str], timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
+    """POST ``body`` as it is with ``headers`` (binary tensor data); returns status, raw body and headers."""
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)

@@ -207,6 +207,27 @@ def test_redis_is_managed_unless_the_spec_names_one_or_turns_caching_off():
     assert len(render_all(OWNER, off, plan(), CPU, BuildSettings())) == 5
 
 
+def test_the_sidecar_serves_grpc_on_a_port_the_service_names_and_is_probed_over_rest():
+    """Clients reach the v2 gRPC service through the Service's `grpc` port, the port the sidecar's settings
+    open; the kubelet keeps probing REST (the gRPC port says nothing the REST health does not)."""
+    from leanserve_serving.config import SidecarConfig, load_config
+
+    objects = render_all(OWNER, spec(), plan(), CPU, BuildSettings())
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == OWNER.name)
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["targetPort"] == "grpc" and ports["grpc"]["appProtocol"] == "grpc"
+    assert ports["http"] == {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == OWNER.name)
+    sidecar = containers(deployment)["sidecar"]
+    container_ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    config = load_config(SidecarConfig, json.loads(cm["data"]["sidecar.json"]), environ={})
+    assert container_ports == {"http": config.port, "grpc": config.grpc_port} and config.grpc_port != 0
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        if probe in sidecar:
+            assert sidecar[probe]["httpGet"]["port"] == container_ports["http"]
+
+
 def test_the_sidecar_settings_are_a_valid_sidecar_config():
     """What the ConfigMap carries is loadable by the sidecar's own config loader (no unknown keys)."""
     from leanserve_serving.config import SidecarConfig, load_config

@@ -115,7 +115,9 @@ def test_the_manifest_names_each_archive_with_its_digest_and_size(images):
         assert entry["size_bytes"] > entry["archive_bytes"] > 5_000_000  # gzipped layers, larger unpacked
     # The goals of the images issue, as measured (README "Images" has the figures).
     assert images["operator"]["size_bytes"] < 250e6
-    assert images["serving"]["size_bytes"] < 320e6
+    # 308 MB before gRPC; grpcio adds 18.3 MB installed (its C core, cygrpc, 17 MB, already stripped;
+    # protobuf was there for onnx): about 327 MB, for the sidecar's v2 gRPC service (issue 17).
+    assert images["serving"]["size_bytes"] < 335e6
     assert images["serving-gpu"].get("size_bytes", 0) < 3.2e9
     assert images["redis"]["size_bytes"] < 25e6
     assert images["prometheus"]["size_bytes"] < 100e6
@@ -705,7 +707,7 @@ def test_the_kind_prometheus_finds_a_serving_pod_as_its_manifests_service_accoun
         template = serving_objects()["serving"]["spec"]["template"]
         template["metadata"]["annotations"]["prometheus.io/port"] = str(sidecar_port)
         (sidecar,) = [c for c in template["spec"]["containers"] if c["name"] == "sidecar"]
-        (http_port,) = sidecar["ports"]
+        (http_port,) = [p for p in sidecar["ports"] if p["name"] == "http"]
         http_port["containerPort"] = sidecar_port
         pod = {
             "apiVersion": "v1",

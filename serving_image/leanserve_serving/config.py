@@ -53,6 +53,9 @@ class SidecarConfig:
     upstream: str = "http://127.0.0.1:8081"
     host: str = "0.0.0.0"
     port: int = 8080
+    grpc_port: int = 0
+    """The v2 gRPC service (same batcher and caches as REST) on this port; 0: off. The operator sets 8085
+    in pods; off by default so that several sidecars on one host (tests, local stacks) never share one."""
     model_version: str = "1"
     max_batch_size: int = 16
     max_wait_ms: float = 5.0

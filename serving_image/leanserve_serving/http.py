@@ -26,7 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, generate_latest
 
 from leanserve_serving.config import load_config
-from leanserve_serving.tensors import ProtocolError, dumps, error_body
+from leanserve_serving.tensors import HEADER_LENGTH, ProtocolError, dumps, error_body
 
 log = logging.getLogger("leanserve.http")
 
@@ -205,6 +205,15 @@ async def read_body(request: web.Request) -> bytes:
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON response encoded with orjson (several times faster than the stdlib on tensors)."""
     return web.Response(body=dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def infer_response(payload: bytes, header_length: int | None, headers: dict[str, str] | None = None) -> web.Response:
+    """An infer response from :func:`~leanserve_serving.tensors.encode_body`'s payload: JSON, or a JSON header
+    of ``header_length`` bytes followed by binary tensor data (``application/octet-stream``, as Triton answers)."""
+    if header_length is None:
+        return web.Response(body=payload, content_type="application/json", headers=headers)
+    binary_headers = {**(headers or {}), HEADER_LENGTH: str(header_length)}
+    return web.Response(body=payload, content_type="application/octet-stream", headers=binary_headers)
 
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -27,6 +27,7 @@ from leanserve_serving.http import (
     BATCH_BUCKETS,
     drainable,
     error_response,
+    infer_response,
     json_response,
     metrics_handler,
     protocol_errors,
@@ -34,6 +35,8 @@ from leanserve_serving.http import (
     serve_main,
 )
 from leanserve_serving.tensors import (
+    EXTENSIONS,
+    HEADER_LENGTH,
     ORT_TYPES,
     InferRequest,
     ProtocolError,
@@ -42,6 +45,7 @@ from leanserve_serving.tensors import (
     check_inputs,
     check_model_name,
     decode_request,
+    encode_body,
     encode_response,
 )
 
@@ -51,6 +55,24 @@ log = logging.getLogger("leanserve.model_server")
 def spec_of(node: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
     return TensorSpec(node.name, ORT_TYPES.get(node.type, node.type), shape)
+
+
+def text_array(tensor: Tensor) -> np.ndarray:
+    """A BYTES tensor as the str array ONNX Runtime's string inputs take: binary elements arrive as bytes,
+    which must be UTF-8 (``astype(str)`` would turn them into their repr)."""
+    flat = tensor.data.ravel()
+    out = np.empty(flat.size, dtype=object)
+    for index, value in enumerate(flat):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(
+                    400,
+                    f"input '{tensor.name}': BYTES element {index} is not UTF-8 (the model's string input needs text)",
+                ) from None
+        out[index] = str(value)
+    return out.reshape(tensor.data.shape)
 
 
 class LoadedModel:
@@ -102,10 +124,7 @@ class LoadedModel:
     def feeds(self, request: InferRequest) -> dict[str, np.ndarray]:
         """Check the request against the graph's inputs; return the arrays to run."""
         check_inputs(self.inputs, request)
-        feeds = {}
-        for t in request.inputs:
-            feeds[t.name] = t.data.astype(str) if t.datatype == "BYTES" else t.data
-        return feeds
+        return {t.name: text_array(t) if t.datatype == "BYTES" else t.data for t in request.inputs}
 
     def run(self, feeds: dict[str, np.ndarray], wanted: list[str] | None) -> list[Tensor]:
         names = [o.name for o in self.outputs]
@@ -187,7 +206,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
         return json_response({"ready": True})
 
     async def server_metadata(_: web.Request) -> web.Response:
-        return json_response({"name": "leanserve-model-server", "version": __version__, "extensions": []})
+        return json_response({"name": "leanserve-model-server", "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(request: web.Request) -> web.Response:
         return json_response(known(request).metadata())
@@ -200,7 +219,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
         target = known(request)
         code = 200
         try:
-            decoded = decode_request(await read_body(request))
+            decoded = decode_request(await read_body(request), request.headers.get(HEADER_LENGTH))
             feeds = target.feeds(decoded)
             first = decoded.inputs[0]
             rows = first.shape[0] if first.shape else 1
@@ -209,7 +228,8 @@ def create_app(config: ModelServerConfig) -> web.Application:
             outputs = await loop.run_in_executor(executor, target.run, feeds, decoded.outputs)
             metrics.inference.labels(target.name).observe(time.perf_counter() - start)
             metrics.batch.labels(target.name).observe(rows)
-            return json_response(encode_response(target.name, target.version, decoded.id, outputs))
+            body = encode_response(target.name, target.version, decoded.id, outputs)
+            return infer_response(*encode_body(body, decoded.encoding))
         except ProtocolError as exc:
             code = exc.status
             raise

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import numpy as np
@@ -54,6 +54,7 @@ from leanserve_serving.http import (
     CANCEL_ON_DISCONNECT,
     drainable,
     error_response,
+    infer_response,
     json_response,
     metrics_handler,
     protocol_errors,
@@ -61,17 +62,26 @@ from leanserve_serving.http import (
     serve_main,
 )
 from leanserve_serving.tensors import (
-    DATATYPES,
+    EXTENSIONS,
+    HEADER_LENGTH,
     InferRequest,
     ProtocolError,
     Tensor,
     TensorSpec,
     check_inputs,
     check_model_name,
+    decode_outputs,
     decode_request,
     dumps,
+    encode_body,
+    encode_request,
     encode_response,
+    json_can_carry,
+    non_finite,
 )
+
+if TYPE_CHECKING:
+    from grpc import aio as grpc_aio
 
 log = logging.getLogger("leanserve.sidecar")
 
@@ -181,6 +191,8 @@ class Upstream:
         self.output_specs: dict[str, list[TensorSpec]] = {}
         self.reread_at: dict[str, float] = {}
         """When each model's metadata was last read again (monotonic): spaced by :data:`SPEC_REREAD_S`."""
+        self.binary: bool | None = None
+        """Whether the upstream lists the binary tensor data extension (None: not asked yet)."""
 
     def mark(self, ready: bool) -> None:
         if ready != self.ready:
@@ -188,23 +200,38 @@ class Upstream:
         if ready and not self.ready:  # back from not ready: maybe another model on the same port
             self.specs.clear()
             self.output_specs.clear()
+            self.binary = None
         self.ready = ready
         self.metrics.upstream_up.set(1 if ready else 0)
 
-    async def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+    async def send(
+        self, method: str, path: str, body: bytes | None = None, header_length: int | None = None
+    ) -> tuple[int, bytes, str | None]:
+        """The status, raw body and ``Inference-Header-Content-Length`` of the upstream's answer; a 503 when
+        it cannot be reached. ``header_length`` marks ``body`` as a JSON header followed by binary tensors."""
+        headers = {"Content-Type": "application/json"}
+        if header_length is not None:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
         try:
-            async with self.session.request(
-                method, self.base_url + path, data=body, headers={"Content-Type": "application/json"}
-            ) as resp:
+            async with self.session.request(method, self.base_url + path, data=body, headers=headers) as resp:
                 raw = await resp.read()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.mark(False)
             raise ProtocolError(503, f"upstream model server unavailable: {type(exc).__name__}") from None
-        try:
-            payload = orjson.loads(raw) if raw else {}
-        except orjson.JSONDecodeError:
-            payload = {"error": raw[:200].decode("utf-8", "replace")}
-        return resp.status, payload
+        return resp.status, raw, resp.headers.get(HEADER_LENGTH)
+
+    async def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+        status, raw, _ = await self.send(method, path, body)
+        return status, error_payload(raw)
+
+    async def speaks_binary(self) -> bool:
+        """Whether the upstream's server metadata lists ``binary_tensor_data`` (asked once per ready period):
+        then batches travel binary, else JSON, so any v2 server can stay behind the sidecar."""
+        if self.binary is None:
+            status, meta = await self.call("GET", "/v2")
+            extensions = meta.get("extensions") if status == 200 and isinstance(meta, dict) else None
+            self.binary = isinstance(extensions, list) and "binary_tensor_data" in extensions
+        return self.binary
 
     async def check_ready(self) -> bool:
         with contextlib.suppress(ProtocolError):
@@ -235,23 +262,52 @@ class Upstream:
         return self.output_specs[model]
 
     async def infer(self, model: str, request: InferRequest) -> list[Tensor]:
-        body = {"inputs": [t.to_json() for t in request.inputs]}
-        if request.outputs is not None:
-            body["outputs"] = [{"name": o} for o in request.outputs]
-        if request.parameters:
-            body["parameters"] = request.parameters
+        """Run one (merged) request upstream: when the upstream speaks the binary extension, outputs come back
+        binary (NaN and infinity reach the sidecar as they are) and inputs go binary where JSON cannot carry
+        their values (non-finite floats, BYTES that are not UTF-8), else JSON as before; JSON both ways with
+        an upstream that does not speak it.
+
+        A binary hop that comes back as "invalid JSON" lost its ``Inference-Header-Content-Length`` on the
+        way (a proxy between that drops it: the sidecar checked the body it sent): the sidecar says so once,
+        goes on in JSON with this upstream, and sends the batch again."""
+        if await self.speaks_binary():
+            try:
+                return await self._infer(model, request, binary=True)
+            except BinaryHopLostError as exc:
+                log.warning("event=binary_hop_off upstream=%s reason=%r", self.base_url, str(exc))
+                self.binary = False
+        return await self._infer(model, request, binary=False)
+
+    async def _infer(self, model: str, request: InferRequest, binary: bool) -> list[Tensor]:
+        binary_inputs = binary and not all(json_can_carry(t) for t in request.inputs)
+        payload, header_length = encode_request(request, binary, binary_inputs)
         start = time.perf_counter()
-        status, payload = await self.call("POST", f"/v2/models/{model}/infer", dumps(body))
+        status, raw, answer_length = await self.send("POST", f"/v2/models/{model}/infer", payload, header_length)
         self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
         if status != 200:
-            raise ProtocolError(status if status < 500 else 502, payload.get("error", f"upstream answered {status}"))
+            reason = error_payload(raw).get("error", f"upstream answered {status}")
+            if header_length is not None and status == 400 and str(reason).startswith("invalid JSON"):
+                raise BinaryHopLostError(f"the upstream read a binary request as JSON: {reason}")
+            raise ProtocolError(status if status < 500 else 502, reason)
         self.mark(True)
-        outputs = []
-        for out in payload.get("outputs", []):
-            dtype = DATATYPES.get(out["datatype"], object)
-            data = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
-            outputs.append(Tensor(out["name"], out["datatype"], tuple(out["shape"]), data))
-        return outputs
+        try:
+            return decode_outputs(raw, answer_length)
+        except ProtocolError as exc:
+            if binary and answer_length is None and exc.reason.startswith("invalid JSON"):
+                raise BinaryHopLostError(f"a binary answer came without {HEADER_LENGTH}") from None
+            raise ProtocolError(502, f"the upstream's answer is malformed: {exc.reason}") from None
+
+
+class BinaryHopLostError(Exception):
+    """A binary request or answer lost its ``Inference-Header-Content-Length`` between sidecar and upstream."""
+
+
+def error_payload(raw: bytes) -> Any:
+    """An upstream's JSON answer, or its first 200 characters as the error when it is not JSON."""
+    try:
+        return orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        return {"error": raw[:200].decode("utf-8", "replace")}
 
 
 @dataclass
@@ -407,6 +463,8 @@ class SidecarState:
     caches: ResponseCaches | None
     """None without ``redis_url``: every request goes to the model."""
     watch: asyncio.Task[None] | None = None
+    grpc_server: grpc_aio.Server | None = None
+    """The v2 gRPC service (grpc_service); None when ``grpc_port`` is 0."""
 
 
 class Sidecar:
@@ -454,6 +512,10 @@ class Sidecar:
             self.metrics.redis_up.set(0)
         state = self._state = SidecarState(session, upstream, self.batcher_over(upstream), caches)
         await upstream.check_ready()
+        if config.grpc_port:
+            from leanserve_serving.grpc_service import start_grpc_server  # grpc is loaded only where it serves
+
+            state.grpc_server = await start_grpc_server(self, config.host, config.grpc_port, config.max_body_bytes)
         state.watch = asyncio.create_task(self.watch(state))
 
     def batcher_over(self, upstream: Upstream) -> DynamicBatcher:
@@ -492,6 +554,8 @@ class Sidecar:
         state = self._state
         if state is None:  # start-up failed before opening anything
             return
+        if state.grpc_server is not None:  # first: its calls in flight still need the upstream session
+            await state.grpc_server.stop(self.config.shutdown_timeout_s)
         if state.watch is not None:
             state.watch.cancel()
         await state.session.close()
@@ -525,7 +589,8 @@ class Sidecar:
             return found.body, found.source
         outputs = await state.batcher.submit(model, request, self.config.request_timeout_s, place)
         body = encode_response(model, self.config.model_version, None, outputs)
-        if state.caches is not None:
+        # JSON, the caches' format, cannot hold NaN or infinity: such an answer is not stored
+        if state.caches is not None and not any(non_finite(t.data) for t in outputs):
             await state.caches.remember(found, body)
         return body, "model"
 
@@ -537,11 +602,12 @@ class Sidecar:
         try:
             check_model_name(model)
             place = self.state.batcher.admit()  # before the body is read: refusing costs no decoding
-            decoded = decode_request(await read_body(request))
+            decoded = decode_request(await read_body(request), request.headers.get(HEADER_LENGTH))
             body, source = await self.answer(model, decoded, place)
             if decoded.id is not None:
                 body = {**body, "id": decoded.id}
-            response = json_response(body, headers={"X-Leanserve-Source": source})
+            payload, header_length = encode_body(body, decoded.encoding)
+            response = infer_response(payload, header_length, headers={"X-Leanserve-Source": source})
             code = 200
             return response
         except (ProtocolError, BatchError) as exc:
@@ -584,6 +650,8 @@ class Sidecar:
         if "name" in request.match_info:
             path = path.format(name=check_model_name(request.match_info["name"]))
         status, payload = await self.state.upstream.call("GET", path)
+        if path == "/v2" and status == 200 and isinstance(payload, dict):
+            payload = {**payload, "extensions": EXTENSIONS}  # what the sidecar implements, whatever is behind it
         return json_response(payload, status=status)
 
 
@@ -601,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--grpc-port", type=int)
     parser.add_argument("--max-batch-size", type=int)
     parser.add_argument("--max-wait-ms", type=float)
     parser.add_argument("--max-queue", type=int)

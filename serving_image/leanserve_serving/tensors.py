@@ -3,12 +3,21 @@
 One module for both the model server and the sidecar, so that a request the
 sidecar accepts is one the model server accepts. Every malformed request ends
 in a :class:`ProtocolError` carrying an HTTP status and a reason a client can act on.
+
+Both JSON tensors and the binary tensor data extension (what tritonclient sends by
+default): the JSON header first, its length in ``Inference-Header-Content-Length``,
+then each binary tensor's raw bytes in order, its size in ``parameters.binary_data_size``
+(little-endian; BYTES elements as a 4-byte length and the bytes; BOOL one byte each).
+A binary tensor decodes to the same numpy-backed :class:`Tensor` as its JSON twin, so
+batching and the caches never see the encoding; which outputs travel binary is the
+request's :class:`OutputEncoding`, applied when the response is written.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +64,30 @@ MAX_MODEL_NAME = 253
 
 #: A model name: letters, digits, '-', '_' and '.' (KServe's and Kubernetes' names fit), never '.' or '..'.
 MODEL_NAME = re.compile(rf"(?!\.\.?$)[A-Za-z0-9._-]{{1,{MAX_MODEL_NAME}}}")
+
+#: The request and response header giving the JSON header's length when binary tensor data follows it.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+#: A tensor's ``parameters`` key: how many bytes of the binary part it takes.
+BINARY_SIZE = "binary_data_size"
+
+#: The request ``parameters`` key: every output in binary unless the output itself says otherwise.
+BINARY_OUTPUT = "binary_data_output"
+
+#: A requested output's ``parameters`` key: this output in binary (true) or JSON (false).
+BINARY_DATA = "binary_data"
+
+#: The v2 extensions this server implements (server metadata's ``extensions``).
+EXTENSIONS = ["binary_tensor_data"]
+
+#: Parameters of v2 extensions this server does not implement, and the extension's name: refused with a 400
+#: rather than ignored (a client asking for shared memory must not read an answer that is not there).
+UNSUPPORTED_PARAMETERS = {
+    "shared_memory_region": "shared memory (shared_memory_region)",
+    "shared_memory_byte_size": "shared memory (shared_memory_byte_size)",
+    "shared_memory_offset": "shared memory (shared_memory_offset)",
+    "classification": "classification",
+}
 
 #: The deepest nesting of a tensor's ``data`` (numpy's limit on dimensions).
 MAX_DATA_DEPTH = 64
@@ -111,13 +144,30 @@ class TensorSpec:
 
 
 @dataclass
+class OutputEncoding:
+    """Which outputs a response carries in binary: an output's own ``binary_data``, else the request's
+    ``binary_data_output`` (false when absent: plain JSON, as the protocol's core says)."""
+
+    default: bool = False
+    per_output: dict[str, bool] = field(default_factory=dict)
+
+    def binary(self, name: str) -> bool:
+        return self.per_output.get(name, self.default)
+
+
+@dataclass
 class InferRequest:
-    """A decoded ``POST /v2/models/{name}/infer`` body."""
+    """A decoded ``POST /v2/models/{name}/infer`` body.
+
+    ``parameters`` hold no binary extension keys: those say how tensors travel, not what they hold, so
+    neither the batcher's grouping nor the exact cache's key depends on them; ``encoding`` keeps them.
+    """
 
     inputs: list[Tensor]
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None
+    encoding: OutputEncoding = field(default_factory=OutputEncoding)
 
 
 def check_model_name(name: str) -> str:
@@ -213,8 +263,109 @@ def _refuse_first(flat: list[Any], bad: np.ndarray, why: str) -> None:
         raise ValueError(f"element {index} ({flat[index]!r}) is {why}")
 
 
-def decode_tensor(raw: Any, where: str) -> Tensor:
-    """Validate one JSON tensor and turn it into a numpy-backed :class:`Tensor`."""
+class BinaryPart:
+    """The bytes after a body's JSON header, handed to the binary tensors in order, each taking its size."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, size: int, who: str) -> memoryview:
+        """The next ``size`` bytes; a 400 when they go past the body (checked before anything is allocated)."""
+        left = len(self.data) - self.offset
+        if size > left:
+            raise ProtocolError(
+                400, f"{who}: binary_data_size {size} goes past the body ({left} bytes of binary data left)"
+            )
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+    def finish(self) -> None:
+        """A 400 when bytes are left over: the declared sizes do not add up to the body."""
+        extra = len(self.data) - self.offset
+        if extra:
+            raise ProtocolError(
+                400,
+                f"{extra} bytes of binary data after the last binary tensor: the binary_data_size values add up "
+                f"to {self.offset}, the body holds {len(self.data)} after its JSON header",
+            )
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[memoryview, BinaryPart | None]:
+    """The JSON header and the binary part of a body (no binary part without ``Inference-Header-Content-Length``)."""
+    view = memoryview(body)
+    if header_length is None:
+        return view, None
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise ProtocolError(400, f"{HEADER_LENGTH} {header_length[:40]!r} is not an integer") from None
+    if not 0 < length <= len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} {length} is past the body's {len(body)} bytes (or not positive)")
+    return view[:length], BinaryPart(view[length:])
+
+
+def array_from_bytes(chunk: memoryview, datatype: str, count: int, who: str) -> np.ndarray:
+    """``count`` elements of ``datatype`` read from a binary tensor's bytes, refusing every size that does not
+    match and every BOOL byte other than 0 or 1 (the one value a fixed-size datatype's bytes cannot hold).
+
+    Floats may be NaN or infinite here: binary carries them, unlike JSON. BYTES elements stay ``bytes``.
+    """
+    if datatype == "BYTES":
+        return _bytes_elements(chunk, count, who)
+    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise ProtocolError(
+            400,
+            f"{who}: binary_data_size {len(chunk)} does not match its shape: {count} {datatype} elements "
+            f"take {count * dtype.itemsize} bytes",
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(chunk, dtype=np.uint8)
+        _refuse_bytes(raw, raw > 1, who, "is not a BOOL (0 or 1)")
+        return raw.view(np.bool_)
+    return np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _refuse_bytes(raw: np.ndarray, bad: np.ndarray, who: str, why: str) -> None:
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise ProtocolError(400, f"{who}: element {index} (byte {int(raw[index])}) {why}")
+
+
+def _bytes_elements(chunk: memoryview, count: int, who: str) -> np.ndarray:
+    """BYTES elements, each a 4-byte little-endian length then the bytes; the count is checked against the
+    size before the array is made (each element takes 4 bytes at least), every length before its slice."""
+    if count * 4 > len(chunk):
+        raise ProtocolError(400, f"{who}: {count} BYTES elements need at least {count * 4} bytes, got {len(chunk)}")
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(chunk):
+            raise ProtocolError(400, f"{who}: BYTES element {index} has no 4-byte length: the binary data ends")
+        (length,) = struct.unpack_from("<I", chunk, offset)
+        offset += 4
+        if offset + length > len(chunk):
+            raise ProtocolError(400, f"{who}: BYTES element {index} declares {length} bytes, past the tensor's end")
+        out[index] = bytes(chunk[offset : offset + length])
+        offset += length
+    if offset != len(chunk):
+        raise ProtocolError(
+            400, f"{who}: {len(chunk) - offset} bytes after its {count} BYTES elements: binary_data_size is too large"
+        )
+    return out
+
+
+def _refuse_unsupported(parameters: dict[str, Any], where: str) -> None:
+    """A 400 naming the extension when ``parameters`` ask for one this server does not implement."""
+    for key, extension in UNSUPPORTED_PARAMETERS.items():
+        if key in parameters:
+            raise ProtocolError(400, f"{where}: the {extension} extension is not supported")
+
+
+def decode_tensor(raw: Any, where: str, binary: BinaryPart | None = None, kind: str = "input") -> Tensor:
+    """Validate one JSON tensor, its data inline or in ``binary``, and turn it into a numpy-backed :class:`Tensor`."""
     if not isinstance(raw, dict):
         raise ProtocolError(400, f"{where} must be an object with name, shape, datatype and data")
     name = raw.get("name")
@@ -222,55 +373,117 @@ def decode_tensor(raw: Any, where: str) -> Tensor:
         raise ProtocolError(400, f"{where}.name must be a non-empty string")
     datatype = raw.get("datatype")
     if datatype not in DATATYPES:
-        raise ProtocolError(400, f"input '{name}': unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
+        raise ProtocolError(400, f"{kind} '{name}': unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(400, f"input '{name}': shape must be a list of non-negative integers")
-    if "data" not in raw:
-        raise ProtocolError(400, f"input '{name}': no data (the binary data extension is not supported)")
-    flat = _flatten(raw["data"])
+        raise ProtocolError(400, f"{kind} '{name}': shape must be a list of non-negative integers")
+    parameters = dict(_parameters(raw.get("parameters"), f"{where}.parameters"))
+    _refuse_unsupported(parameters, f"{kind} '{name}'")
     expected = math.prod(shape)
+    if BINARY_SIZE in parameters:
+        size = parameters.pop(BINARY_SIZE)
+        who = f"{kind} '{name}'"
+        if "data" in raw:
+            raise ProtocolError(400, f"{who}: both data and parameters.binary_data_size; send one")
+        if binary is None:
+            raise ProtocolError(400, f"{who}: binary_data_size without the {HEADER_LENGTH} header")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ProtocolError(400, f"{who}: binary_data_size must be a non-negative integer, got {size!r}")
+        array = array_from_bytes(binary.take(size, who), datatype, expected, who).reshape(shape)
+        return Tensor(name, datatype, tuple(shape), array, parameters)
+    if "data" not in raw:
+        raise ProtocolError(400, f"{kind} '{name}': no data and no parameters.binary_data_size")
+    flat = _flatten(raw["data"])
     if len(flat) != expected:
-        raise ProtocolError(400, f"input '{name}': shape {shape} needs {expected} elements, got {len(flat)}")
+        raise ProtocolError(400, f"{kind} '{name}': shape {shape} needs {expected} elements, got {len(flat)}")
     try:
         array = typed_array(flat, datatype).reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(400, f"input '{name}': data does not match datatype {datatype}: {exc}") from None
-    return Tensor(name, datatype, tuple(shape), array, _parameters(raw.get("parameters"), f"{where}.parameters"))
+        raise ProtocolError(400, f"{kind} '{name}': data does not match datatype {datatype}: {exc}") from None
+    return Tensor(name, datatype, tuple(shape), array, parameters)
 
 
-def decode_request(body: bytes) -> InferRequest:
-    """Parse and validate an infer request body (JSON)."""
+def _load_header(header: memoryview) -> Any:
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(400, f"invalid JSON: {exc}") from None
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _requested_outputs(outputs: Any) -> tuple[list[str] | None, dict[str, bool]]:
+    """The requested output names and their own ``binary_data`` choices; a 400 on an unsupported extension."""
+    if outputs is None:
+        return None, {}
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise ProtocolError(400, "'outputs' must be a list of objects with a name")
+    binary = {}
+    for index, output in enumerate(outputs):
+        parameters = _parameters(output.get("parameters"), f"outputs[{index}].parameters")
+        _refuse_unsupported(parameters, f"output '{output['name']}'")
+        if BINARY_DATA in parameters:
+            binary[output["name"]] = _flag(parameters[BINARY_DATA], f"output '{output['name']}': binary_data")
+    return [o["name"] for o in outputs], binary
+
+
+def decode_request(body: bytes, header_length: str | None = None) -> InferRequest:
+    """Parse and validate an infer request body: JSON, or a JSON header of ``header_length`` bytes (the
+    ``Inference-Header-Content-Length`` header) followed by binary tensor data."""
+    header, binary = split_body(body, header_length)
+    doc = _load_header(header)
     if not isinstance(doc, dict):
         raise ProtocolError(400, "the request body must be a JSON object")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, "'inputs' must be a non-empty list of tensors")
-    tensors = [decode_tensor(t, f"inputs[{i}]") for i, t in enumerate(inputs)]
+    tensors = [decode_tensor(t, f"inputs[{i}]", binary) for i, t in enumerate(inputs)]
+    if binary is not None:
+        binary.finish()
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ProtocolError(400, f"duplicate input names: {names}")
-    outputs = doc.get("outputs")
-    wanted = None
-    if outputs is not None:
-        if not isinstance(outputs, list) or not all(
-            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
-        ):
-            raise ProtocolError(400, "'outputs' must be a list of objects with a name")
-        wanted = [o["name"] for o in outputs]
+    wanted, per_output = _requested_outputs(doc.get("outputs"))
     request_id = doc.get("id")
     if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int, float))):
         raise ProtocolError(400, "'id' must be a string")
+    parameters = dict(_parameters(doc.get("parameters"), "'parameters'"))
+    _refuse_unsupported(parameters, "'parameters'")
+    default = _flag(parameters.pop(BINARY_OUTPUT, False), "parameters.binary_data_output")
     return InferRequest(
         inputs=tensors,
         id=str(request_id) if request_id is not None else None,
-        parameters=_parameters(doc.get("parameters"), "'parameters'"),
+        parameters=parameters,
         outputs=wanted,
+        encoding=OutputEncoding(default, per_output),
     )
+
+
+def decode_outputs(body: bytes, header_length: str | None) -> list[Tensor]:
+    """The output tensors of an upstream's infer response, JSON or binary; a :class:`ProtocolError` when the
+    binary part does not add up. JSON data is read as numpy reads it (an upstream's null stays NaN)."""
+    header, binary = split_body(body, header_length)
+    doc = _load_header(header)
+    outputs = doc.get("outputs") if isinstance(doc, dict) else None
+    if not isinstance(outputs, list):
+        raise ProtocolError(400, "the response has no 'outputs' list")
+    tensors = []
+    for index, out in enumerate(outputs):
+        if isinstance(out, dict) and isinstance(out.get("parameters"), dict) and BINARY_SIZE in out["parameters"]:
+            tensors.append(decode_tensor(out, f"outputs[{index}]", binary, kind="output"))
+            continue
+        dtype = DATATYPES.get(out["datatype"], object)
+        data = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+        tensors.append(Tensor(out["name"], out["datatype"], tuple(out["shape"]), data))
+    if binary is not None:
+        binary.finish()
+    return tensors
 
 
 def check_inputs(specs: list[TensorSpec], request: InferRequest) -> None:
@@ -306,6 +519,98 @@ def encode_response(model: str, version: str | None, request_id: str | None, out
     if request_id is not None:
         body["id"] = request_id
     return body
+
+
+def tensor_bytes(datatype: str, data: Any) -> bytes:
+    """A tensor's data as the binary extension carries it: little-endian values, BOOL one byte each,
+    BYTES elements each a 4-byte little-endian length then the bytes (str as UTF-8)."""
+    if datatype == "BYTES":
+        parts = []
+        for value in np.asarray(data, dtype=object).ravel():
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            parts += (struct.pack("<I", len(raw)), raw)
+        return b"".join(parts)
+    dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
+    return np.ascontiguousarray(np.asarray(data), dtype=dtype).tobytes()
+
+
+def non_finite(data: Any) -> int:
+    """How many NaN or infinite values ``data`` holds (JSON can carry none of them)."""
+    if isinstance(data, np.ndarray) and data.dtype.kind == "f":
+        return int(data.size - np.count_nonzero(np.isfinite(data)))
+    return 0
+
+
+def encode_body(body: dict[str, Any], encoding: OutputEncoding) -> tuple[bytes, int | None]:
+    """The payload of an infer response body and its JSON header's length (None when no output is binary:
+    the payload is plain JSON).
+
+    A JSON output holding NaN or infinity is a 422 naming the output and the fix, never a ``null``
+    (JSON has no such numbers; a null read back is a value the model did not answer).
+    """
+    outputs, chunks = [], []
+    for out in body["outputs"]:
+        if encoding.binary(out["name"]):
+            raw = tensor_bytes(out["datatype"], out["data"])
+            chunks.append(raw)
+            parameters = {**out.get("parameters", {}), BINARY_SIZE: len(raw)}
+            out = {**{k: v for k, v in out.items() if k != "data"}, "parameters": parameters}
+        elif count := non_finite(out["data"]):
+            raise ProtocolError(
+                422,
+                f"output '{out['name']}' holds {count} NaN or infinite value(s), which JSON cannot carry: ask for "
+                f"it in binary (parameters.binary_data_output: true, or the output's parameters.binary_data: true)",
+            )
+        outputs.append(out)
+    header = dumps({**body, "outputs": outputs})
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def json_can_carry(tensor: Tensor) -> bool:
+    """Whether JSON holds ``tensor``'s values as they are: no NaN or infinity, BYTES that are UTF-8 text."""
+    if tensor.datatype == "BYTES":
+        try:
+            for value in tensor.data.ravel():
+                if isinstance(value, bytes):
+                    value.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+    return non_finite(tensor.data) == 0
+
+
+def encode_request(request: InferRequest, binary_outputs: bool, binary_inputs: bool) -> tuple[bytes, int | None]:
+    """An infer request body for an upstream, its outputs asked in binary or JSON, its inputs sent in binary or
+    JSON; with the JSON header's length when binary data follows it (for ``Inference-Header-Content-Length``)."""
+    inputs, chunks = [], []
+    for tensor in request.inputs:
+        if binary_inputs:
+            raw = tensor_bytes(tensor.datatype, tensor.data)
+            chunks.append(raw)
+            inputs.append(
+                {
+                    "name": tensor.name,
+                    "datatype": tensor.datatype,
+                    "shape": list(tensor.shape),
+                    "parameters": {BINARY_SIZE: len(raw)},
+                }
+            )
+        else:
+            inputs.append(tensor.to_json())
+    body: dict[str, Any] = {"inputs": inputs}
+    if request.outputs is not None:
+        body["outputs"] = [
+            {"name": o, "parameters": {BINARY_DATA: True}} if binary_outputs else {"name": o} for o in request.outputs
+        ]
+    parameters = {**request.parameters, BINARY_OUTPUT: True} if binary_outputs else request.parameters
+    if parameters:
+        body["parameters"] = parameters
+    header = dumps(body)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
 
 
 def dumps(body: Any) -> bytes:

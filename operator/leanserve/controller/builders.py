@@ -27,6 +27,8 @@ GPU_RESOURCE = "nvidia.com/gpu"
 OWNER_LABEL = "leanserve.dev/inferencedeployment"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "leanserve"}
 SIDECAR_PORT = 8080
+#: The sidecar's v2 gRPC service (the Service's `grpc` port); the probes stay on SIDECAR_PORT's REST.
+SIDECAR_GRPC_PORT = 8085
 MODEL_PORT = 8081
 REDIS_PORT = 6379
 #: UID of the serving image's user (serving_image/Dockerfile) and of the redis image's.
@@ -170,6 +172,7 @@ def sidecar_settings(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidat
     return {
         "upstream": f"http://127.0.0.1:{MODEL_PORT}",
         "port": SIDECAR_PORT,
+        "grpc_port": SIDECAR_GRPC_PORT,
         "max_batch_size": plan.policy.max_batch,
         "max_wait_ms": plan.policy.max_wait_ms,
         "redis_url": redis_url if (cache.exact.enabled or cache.semantic.enabled) else "",
@@ -424,7 +427,10 @@ def render_deployment(
                     {"name": "LEANSERVE_CONFIG_FILE", "value": "/etc/leanserve/sidecar.json"},
                     *_cache_key_env(owner, spec),
                 ],
-                "ports": [{"name": "http", "containerPort": SIDECAR_PORT}],
+                "ports": [
+                    {"name": "http", "containerPort": SIDECAR_PORT},
+                    {"name": "grpc", "containerPort": SIDECAR_GRPC_PORT},
+                ],
                 "resources": sidecar_res,
                 "securityContext": CONTAINER_SECURITY,
                 "volumeMounts": [
@@ -455,14 +461,24 @@ def render_deployment(
 
 
 def render_service(owner: Owner) -> dict[str, Any]:
-    """The Service in front of the sidecars (the pod's front door), v2 protocol on port 80."""
+    """The Service in front of the sidecars (the pod's front door): v2 over REST on port 80, over gRPC on
+    port 8085 (``appProtocol: grpc`` tells meshes and gateways to balance its calls, not its connections)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(owner, owner.name, "serving"),
         "spec": {
             "selector": selector(owner, "serving"),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [
+                {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                {
+                    "name": "grpc",
+                    "port": SIDECAR_GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+            ],
         },
     }
 
