@@ -126,13 +126,14 @@ def test_values_the_datatype_holds_decode_unchanged(datatype, data, expected):
 
 
 def test_a_batch_the_model_server_refuses_is_bisected_until_the_culprit_is_alone(models, workdir, started):
-    """A refusal the sidecar cannot foresee: the model server takes bodies up to 100 kB, the sidecar up to 8 MB.
+    """A refusal the sidecar cannot foresee: the model server takes bodies up to 40 kB, the sidecar up to 8 MB.
 
-    A 200-row request (about 140 kB once re-encoded) is refused by the model server even alone; batched with
+    A 200-row request (about 51 kB once re-encoded: the hop carries binary tensors) is refused by the model
+    server even alone; batched with
     15 one-row requests, the merged body was refused too, and all 16 got the 413. Now the batch is bisected:
     the culprit alone gets its 413, the others their answers.
     """
-    upstream = start(started, model_server(models["mlp"], "mlp", workdir, LEANSERVE_MAX_BODY_BYTES="100000"))
+    upstream = start(started, model_server(models["mlp"], "mlp", workdir, LEANSERVE_MAX_BODY_BYTES="40000"))
     car = start(started, sidecar(upstream.url, workdir, max_batch_size=512, max_wait_ms=400))
     infer = car.url + "/v2/models/mlp/infer"
     assert post(infer, mlp_request(rows(1, 0)[0]))[0] == 200

@@ -76,7 +76,6 @@ from leanserve_serving.tensors import (
     encode_body,
     encode_request,
     encode_response,
-    json_can_carry,
     non_finite,
 )
 
@@ -262,10 +261,9 @@ class Upstream:
         return self.output_specs[model]
 
     async def infer(self, model: str, request: InferRequest) -> list[Tensor]:
-        """Run one (merged) request upstream: when the upstream speaks the binary extension, outputs come back
-        binary (NaN and infinity reach the sidecar as they are) and inputs go binary where JSON cannot carry
-        their values (non-finite floats, BYTES that are not UTF-8), else JSON as before; JSON both ways with
-        an upstream that does not speak it.
+        """Run one (merged) request upstream: when the upstream speaks the binary extension, inputs and outputs
+        travel binary (no float printed and parsed again; NaN and infinity reach the sidecar as they are);
+        JSON both ways with an upstream that does not speak it.
 
         A binary hop that comes back as "invalid JSON" lost its ``Inference-Header-Content-Length`` on the
         way (a proxy between that drops it: the sidecar checked the body it sent): the sidecar says so once,
@@ -279,8 +277,7 @@ class Upstream:
         return await self._infer(model, request, binary=False)
 
     async def _infer(self, model: str, request: InferRequest, binary: bool) -> list[Tensor]:
-        binary_inputs = binary and not all(json_can_carry(t) for t in request.inputs)
-        payload, header_length = encode_request(request, binary, binary_inputs)
+        payload, header_length = encode_request(request, binary, binary_inputs=binary)
         start = time.perf_counter()
         status, raw, answer_length = await self.send("POST", f"/v2/models/{model}/infer", payload, header_length)
         self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
