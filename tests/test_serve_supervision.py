@@ -113,7 +113,11 @@ def test_serve_stops_cleanly_on_sigint_without_restarting(serve):
     proc, _, stderr = serve
     (server,) = _model_servers(proc.pid)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the children get it too, and their exit is no failure
-    assert proc.wait(timeout=20) == 0
+    try:
+        code = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve did not stop within 20 s of Ctrl-C; its stderr:\n{stderr.read_text()}")
+    assert code == 0
     _wait_for(lambda: not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text(), 5)
     assert "restarting" not in stderr.read_text()
 
