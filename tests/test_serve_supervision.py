@@ -66,18 +66,23 @@ def model(tmp_path: Path) -> Path:
     return make_mlp(tmp_path / "mlp.onnx", sizes=(4, 8, 2))
 
 
-@pytest.fixture
-def serve(model: Path, tmp_path: Path):
-    """``leanserve serve`` as a subprocess; yields (the process, its infer URL, its stderr file)."""
+@pytest.fixture(params=["foreground", "background"])
+def serve(model: Path, tmp_path: Path, request: pytest.FixtureRequest):
+    """``leanserve serve`` as a subprocess; yields (the process, its infer URL, its stderr file).
+
+    "background" starts it as a shell starts a background job (`leanserve serve &`, nohup, a CI runner):
+    with SIGINT ignored, which Python keeps ignored unless the program installs its own handler."""
     exe = shutil.which("leanserve", path=str(Path(sys.executable).parent))
     port = local.free_port()
     stderr = tmp_path / "stderr"
+    ignore = request.param == "background"
     with stderr.open("wb") as err:
         proc = subprocess.Popen(
             [exe, "serve", "--model", str(model), "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,  # a process group of its own, as a terminal gives it: Ctrl-C reaches them all
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore else None,
         )
     try:
         local.wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, timeout=60)
@@ -86,8 +91,8 @@ def serve(model: Path, tmp_path: Path):
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        except subprocess.TimeoutExpired:  # the whole group: a restarted model server must not outlive the test
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -117,7 +122,7 @@ def test_serve_stops_cleanly_on_sigint_without_restarting(serve):
         code = proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pytest.fail(f"serve did not stop within 20 s of Ctrl-C; its stderr:\n{stderr.read_text()}")
-    assert code == 0
+    assert code == 0, stderr.read_text()
     _wait_for(lambda: not Path(f"/proc/{server}").exists() or "Z" in Path(f"/proc/{server}/stat").read_text(), 5)
     assert "restarting" not in stderr.read_text()
 

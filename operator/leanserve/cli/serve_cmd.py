@@ -35,7 +35,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: model file not found: {args.model}", file=sys.stderr)
         return 2
     policy = Policy(args.max_batch_size, args.max_wait_ms) if args.sidecar else Policy(1, 0.0)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the children on SIGTERM too
+    # Ctrl-C and SIGTERM both stop the children. SIGINT explicitly: a shell starts a background job
+    # (`leanserve serve &`, nohup, a CI runner) with SIGINT ignored, and Python then leaves it ignored, so the
+    # children would drain on a group Ctrl-C while serve, deaf to it, restarted them.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     gave_up: list[str] = []
     failed = threading.Event()
     supervision = Supervision(on_give_up=lambda reason: (gave_up.append(reason), failed.set()))
