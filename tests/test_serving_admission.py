@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.onnx_models import make_mlp
-from tests.serving_harness import Process, frozen, metric, mlp_request, model_server, post, sidecar, until
+from tests.serving_harness import Process, frozen, get, metric, mlp_request, model_server, post, sidecar, until
 
 BODY = mlp_request([0.5] * 64)
 
@@ -41,6 +41,10 @@ def run_sidecar(started: list[Process], upstream: Process, workdir: Path, **sett
     return car
 
 
+def queue_depth(car: Process) -> float:
+    return metric(car.url, "leanserve_queue_depth", 'model="mlp"')
+
+
 def sent_upstream(car: Process) -> float:
     """Upstream calls the sidecar made (each call is one observation of the batch size)."""
     return metric(car.url, "leanserve_batch_size_count", 'model="mlp"')
@@ -52,7 +56,12 @@ def test_a_full_queue_refuses_before_the_body_is_read(upstream, workdir, started
     infer = car.url + "/v2/models/mlp/infer"
     with ThreadPoolExecutor(max_workers=3) as pool, frozen(upstream):
         waiting = [pool.submit(post, infer, BODY, 40) for _ in range(3)]  # one in flight, two queued
-        until(lambda: metric(car.url, "leanserve_queue_depth", 'model="mlp"') == 2, what="two requests queued")
+        try:
+            until(lambda: queue_depth(car) == 2, timeout=30, what="two requests queued")
+        except AssertionError as exc:  # what the sidecar saw, for a failure on a loaded machine
+            seen = [line for line in get(car.url + "/metrics")[1].decode().splitlines() if "leanserve_" in line]
+            done = [f.result()[0] if f.done() else "pending" for f in waiting]
+            raise AssertionError(f"{exc}; answers {done}; sidecar metrics:\n" + "\n".join(seen)) from None
         for _ in range(20):
             status, err, headers = post(infer, b'{"inputs": [ not json')
             assert status == 429, err
