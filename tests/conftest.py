@@ -151,3 +151,25 @@ def started() -> Iterator[list[Any]]:
     yield procs
     for p in procs:
         p.stop(kill=True)
+
+
+# The serving tests' processes, one set per module: each module gives its own ``workdir`` and ``models``.
+@pytest.fixture(scope="module")
+def servers(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, Any]]:
+    """A model server (``tests.serving_harness.Process``) per model of the module, stopped after it."""
+    from tests.serving_harness import model_server
+
+    procs = {name: model_server(path, name, workdir).start() for name, path in models.items()}
+    yield procs
+    for p in procs.values():
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(workdir: Path) -> Iterator[Any]:
+    """A redis-server of the module's own, on a free loopback port."""
+    from tests.serving_harness import start_redis
+
+    proc = start_redis(workdir)
+    yield proc
+    proc.stop()

@@ -5,7 +5,7 @@ over HTTP; the poison is written straight into the real Redis, as anything that 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from tests.serving_harness import (
     model_server,
     post,
     sidecar,
-    start_redis,
     text_request,
 )
 
@@ -40,21 +39,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def models(workdir: Path) -> dict[str, Path]:
     return {"mlp": make_mlp(workdir / "mlp.onnx"), "text": make_text(workdir / "text.onnx")}
-
-
-@pytest.fixture(scope="module")
-def servers(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, Process]]:
-    procs = {name: model_server(path, name, workdir).start() for name, path in models.items()}
-    yield procs
-    for p in procs.values():
-        p.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_server(workdir: Path) -> Iterator[Process]:
-    proc = start_redis(workdir)
-    yield proc
-    proc.stop()
 
 
 def run_sidecar(started: list[Process], upstream: str, workdir: Path, **settings: object) -> Process:
@@ -94,12 +78,12 @@ POISON: dict[str, tuple[Callable[[], bytes], str]] = {
 }
 
 
-def test_poisoned_exact_entries_are_misses_answered_by_the_model(servers, redis_server, workdir, started):
+def test_poisoned_exact_entries_are_misses_answered_by_the_model(servers, redis, workdir, started):
     """Each poisoned entry at a request's key: a miss counted with its reason, the model's answer is
     served, and that answer replaces the poison (the next request is a genuine hit)."""
-    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis_server.port}/1")
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/1")
     infer = car.url + "/v2/models/mlp/infer"
-    store = client(redis_server, 1)
+    store = client(redis, 1)
     for seed, (case, (poison, reason)) in enumerate(POISON.items()):
         body = mlp_request(values(100 + seed))
         status, truth, headers = post(infer, body)
@@ -121,32 +105,32 @@ def test_poisoned_exact_entries_are_misses_answered_by_the_model(servers, redis_
     assert post(infer, body)[2]["X-Leanserve-Source"] == "model"
 
 
-def test_a_cached_entry_never_sets_the_model_name_or_version(servers, redis_server, workdir, started):
-    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis_server.port}/2")
+def test_a_cached_entry_never_sets_the_model_name_or_version(servers, redis, workdir, started):
+    car = run_sidecar(started, servers["mlp"].url, workdir, redis_url=f"redis://127.0.0.1:{redis.port}/2")
     infer = car.url + "/v2/models/mlp/infer"
     body = mlp_request(values(7))
     truth = post(infer, body)[1]
     key = key_of(body, CacheScope())
     other = {"model_name": "other-model", "model_version": "666", "parameters": {"x": 1}, "outputs": truth["outputs"]}
-    client(redis_server, 2).set(key, seal(CacheScope(), key, orjson.dumps(other)))
+    client(redis, 2).set(key, seal(CacheScope(), key, orjson.dumps(other)))
     status, served, headers = post(infer, body)
     assert (status, headers["X-Leanserve-Source"]) == (200, "exact")
     assert served == truth  # the sidecar's model name and version; nothing else from the entry
     assert (served["model_name"], served["model_version"]) == ("mlp", "1")
 
 
-def test_with_an_hmac_key_forged_and_replayed_entries_are_misses(servers, redis_server, workdir, started):
+def test_with_an_hmac_key_forged_and_replayed_entries_are_misses(servers, redis, workdir, started):
     """A record signed with another key, an unsigned one, and a genuine record copied to another
     request's key all fail the integrity tag; a genuine record at its own key is a hit."""
     car = run_sidecar(
         started,
         servers["mlp"].url,
         workdir,
-        redis_url=f"redis://127.0.0.1:{redis_server.port}/3",
+        redis_url=f"redis://127.0.0.1:{redis.port}/3",
         cache_hmac_key=HMAC_KEY,
     )
     infer = car.url + "/v2/models/mlp/infer"
-    store = client(redis_server, 3)
+    store = client(redis, 3)
     mine = CacheScope(hmac_key=HMAC_KEY.encode())
     a, b = mlp_request(values(1)), mlp_request(values(2))
     truth_a, truth_b = post(infer, a)[1], post(infer, b)[1]
@@ -167,8 +151,8 @@ def test_with_an_hmac_key_forged_and_replayed_entries_are_misses(servers, redis_
     assert metric(car.url, "leanserve_cache_rejected_total", 'kind="exact",reason="tag"') == 3
 
 
-def test_keys_are_namespaced_by_deployment_and_model_digest(servers, redis_server, workdir, started):
-    url = f"redis://127.0.0.1:{redis_server.port}/4"
+def test_keys_are_namespaced_by_deployment_and_model_digest(servers, redis, workdir, started):
+    url = f"redis://127.0.0.1:{redis.port}/4"
     body = mlp_request(values(3))
     first = run_sidecar(started, servers["mlp"].url, workdir, redis_url=url, cache_namespace="team-a/mlp")
     assert post(first.url + "/v2/models/mlp/infer", body)[2]["X-Leanserve-Source"] == "model"
@@ -181,9 +165,9 @@ def test_keys_are_namespaced_by_deployment_and_model_digest(servers, redis_serve
 # ---- the shared semantic index ------------------------------------------------------------------
 
 
-def semantic(redis_server: Process, db: int) -> dict[str, object]:
+def semantic(redis: Process, db: int) -> dict[str, object]:
     return {
-        "redis_url": f"redis://127.0.0.1:{redis_server.port}/{db}",
+        "redis_url": f"redis://127.0.0.1:{redis.port}/{db}",
         "semantic_enabled": True,
         "semantic_threshold": 0.9,
         "semantic_embedder": "hashing",
@@ -201,13 +185,13 @@ def unit(n: int, seed: int = 0) -> bytes:
     return (v / np.linalg.norm(v)).astype("<f4").tobytes()
 
 
-def test_foreign_vectors_in_the_shared_index_fail_no_request(servers, redis_server, workdir, started):
+def test_foreign_vectors_in_the_shared_index_fail_no_request(servers, redis, workdir, started):
     """What a replica with another embedder writes (another dimension), and vectors that are not finite
     unit vectors, are skipped and counted: text requests keep being served, hits included."""
-    car = run_sidecar(started, servers["text"].url, workdir, **semantic(redis_server, 5))
+    car = run_sidecar(started, servers["text"].url, workdir, **semantic(redis, 5))
     infer = car.url + "/v2/models/text/infer"
     assert post(infer, text_request("The battery life is great"))[2]["X-Leanserve-Source"] == "model"
-    store = client(redis_server, 5)
+    store = client(redis, 5)
     key = vectors_key(store)
     nan = np.full(1024, np.nan, dtype="<f4").tobytes()
     store.hset(key, mapping={"a" * 24: unit(384), "b" * 24: nan, "c" * 24: unit(1024) * 2, "d" * 24: b"\x00"})
@@ -224,12 +208,12 @@ def test_foreign_vectors_in_the_shared_index_fail_no_request(servers, redis_serv
     assert metric(car.url, "leanserve_cache_rejected_total", 'kind="semantic_index",reason="vector"') >= 3
 
 
-def test_an_undecodable_index_id_leaves_readiness_following_the_model_server(models, redis_server, workdir, started):
+def test_an_undecodable_index_id_leaves_readiness_following_the_model_server(models, redis, workdir, started):
     upstream = model_server(models["text"], "text", workdir).start()
     started.append(upstream)
-    car = run_sidecar(started, upstream.url, workdir, **semantic(redis_server, 6))
+    car = run_sidecar(started, upstream.url, workdir, **semantic(redis, 6))
     assert post(car.url + "/v2/models/text/infer", text_request("hello there"))[0] == 200
-    store = client(redis_server, 6)
+    store = client(redis, 6)
     store.hset(vectors_key(store), b"\xff\xfe\x00not-utf8", unit(1024))
     time.sleep(0.8)
     assert get(car.url + "/v2/health/ready")[0] == 200
@@ -241,12 +225,12 @@ def test_an_undecodable_index_id_leaves_readiness_following_the_model_server(mod
     assert metric(car.url, "leanserve_cache_rejected_total", 'kind="semantic_index",reason="id"') >= 1
 
 
-def test_an_entry_removed_from_the_shared_index_is_forgotten_locally(servers, redis_server, workdir, started):
-    car = run_sidecar(started, servers["text"].url, workdir, **semantic(redis_server, 7))
+def test_an_entry_removed_from_the_shared_index_is_forgotten_locally(servers, redis, workdir, started):
+    car = run_sidecar(started, servers["text"].url, workdir, **semantic(redis, 7))
     infer = car.url + "/v2/models/text/infer"
     post(infer, text_request("The battery life is great"))
     assert post(infer, text_request("the battery life is great!"))[2]["X-Leanserve-Source"] == "semantic"
-    store = client(redis_server, 7)
+    store = client(redis, 7)
     store.delete(vectors_key(store))  # another replica evicted it (its response is still in Redis)
     time.sleep(0.8)
     assert post(infer, text_request("the battery life is great!"))[2]["X-Leanserve-Source"] == "model"

@@ -30,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from leanserve.local_stack import free_port
 from tests.onnx_models import make_mlp, make_text
-from tests.serving_harness import Process, get, metric, mlp_request, model_server, post, sidecar, start_redis
+from tests.serving_harness import Process, get, metric, mlp_request, post, sidecar
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "serving_image" / "leanserve_serving" / "proto"
@@ -44,21 +44,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def models(workdir: Path) -> dict[str, Path]:
     return {"mlp": make_mlp(workdir / "mlp.onnx"), "text": make_text(workdir / "text.onnx")}
-
-
-@pytest.fixture(scope="module")
-def servers(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, Process]]:
-    procs = {name: model_server(path, name, workdir).start() for name, path in models.items()}
-    yield procs
-    for p in procs.values():
-        p.stop()
-
-
-@pytest.fixture(scope="module")
-def redis(workdir: Path) -> Iterator[Process]:
-    proc = start_redis(workdir)
-    yield proc
-    proc.stop()
 
 
 def grpc_sidecar(upstream: Process, workdir: Path, **settings: Any) -> Process:

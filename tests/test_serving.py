@@ -51,21 +51,6 @@ def models(workdir: Path) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def servers(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, Process]]:
-    procs = {name: model_server(path, name, workdir).start() for name, path in models.items()}
-    yield procs
-    for p in procs.values():
-        p.stop()
-
-
-@pytest.fixture(scope="module")
-def redis(workdir: Path) -> Iterator[Process]:
-    proc = start_redis(workdir)
-    yield proc
-    proc.stop()
-
-
 @pytest.fixture
 def started(workdir: Path) -> Iterator[list[Process]]:
     """Processes a test starts; all stopped afterwards."""
