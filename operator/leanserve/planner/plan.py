@@ -75,6 +75,8 @@ class Candidate:
     """The autoscaler's ceiling: maxReplicas, else the peak sizing plus a quarter; within the monthly budget."""
     memory_mb: float | None = None
     """The variant's resident memory as the bench measured it (what the model server's memory is sized by)."""
+    curve: ServiceCurve | None = field(default=None, repr=False, compare=False)
+    """The service times the candidate was simulated with (for charts of latency against load)."""
 
     @property
     def precision(self) -> str:
@@ -236,7 +238,7 @@ def plan_deployment(
                 continue
             curve = service_curve(v)
             for policy in _policies(spec, max(curve.batch_sizes)):
-                pending.append((replace(base, policy=policy), curve))
+                pending.append((replace(base, policy=policy, curve=curve), curve))
     rates = traffic_shape(spec)
     hit = options.observed_hit_rate
     if hit is None:
