@@ -11,6 +11,26 @@ upstream. An error reaches every caller of its batch, except one that may be a
 single member's fault (a client error from the upstream): then the batch is
 bisected until the culprit is alone with its error and the others are answered.
 
+Ragged batching (opt-in, ``pad_inputs``: input name -> pad value, as Triton's
+ragged batching or a Hugging Face pipeline padding to the batch's longest): a
+request whose named inputs are all of rank 2 ([batch, seq]) and share one length
+batches with requests that differ from it only in that length. Its signature
+ignores dimension 1 of those inputs; at merge each member is right-padded with
+the input's value to the batch's longest length, and on the way back an output
+that carries the sequence axis (dimension 1 of the padded length, declared of
+free size by the model) is cut back to each member's own length. A request that
+cannot be padded (a named input of another rank, of BYTES, whose pad value its
+datatype cannot hold, or named inputs of different lengths) keeps its exact
+signature: it batches as it did before, only with requests of its very shapes.
+Padding is bounded (:class:`PaddedSize`): a request joins a batch being formed
+only while the padded batch holds at most :data:`MAX_PADDING_RATIO` times the
+elements its members brought (one 4096-token request never drags 31 one-token
+requests to 4096 each), so a merged batch's padded inputs stay within twice
+the bytes its members sent (each within the sidecar's ``max_body_bytes``); the
+first request that would break it starts the next batch.
+Padding is right only for models that ignore padded positions (an attention
+mask padded with 0): that is the operator's promise when it names the inputs.
+
 Admission is decided before a request is even read (:meth:`DynamicBatcher.admit`):
 a place is refused when ``max_queue`` requests wait, or when the expected wait
 (the batches ahead at the recent service time) exceeds ``max_queue_wait_s``.
@@ -25,17 +45,27 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-from leanserve_serving.tensors import InferRequest, Tensor
+from leanserve_serving.tensors import InferRequest, Tensor, TensorSpec
 
 #: Runs one merged request upstream; returns the merged outputs.
 RunBatch = Callable[[str, InferRequest], Awaitable[list[Tensor]]]
+
+#: Inputs padded along dimension 1 to batch requests of different lengths, each with its pad value.
+PadInputs = Mapping[str, float | int]
+
+#: The most elements a padded batch may hold per element its members brought (its padded inputs' rows times
+#: the longest length, over their rows times their own lengths): padding at most doubles a batch's size.
+MAX_PADDING_RATIO = 2.0
+
+#: Stands in a padded signature for the free dimension 1 of a padded input (no shape holds a string).
+PADDED = "*"
 
 
 class BatchError(Exception):
@@ -77,11 +107,50 @@ class UpstreamShapeError(BatchError):
         self.rows = rows
 
 
-def signature(model: str, request: InferRequest) -> tuple[Any, ...] | None:
-    """What a request may batch with, or None when it cannot batch (a scalar input)."""
+def padded_length(request: InferRequest, pad_inputs: PadInputs | None) -> int | None:
+    """The length (dimension 1) a request's padded inputs share, or None when it cannot be padded: no input
+    named in ``pad_inputs``, one of another rank than 2, of BYTES or of a datatype its pad value does not fit,
+    or named inputs of different lengths (such a request keeps its exact signature)."""
+    if not pad_inputs:
+        return None
+    lengths = set()
+    for tensor in request.inputs:
+        if tensor.name not in pad_inputs:
+            continue
+        if len(tensor.shape) != 2 or not _holds(tensor.data.dtype, pad_inputs[tensor.name]):
+            return None
+        lengths.add(tensor.shape[1])
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def _holds(dtype: np.dtype[Any], value: float) -> bool:
+    """Whether ``value`` is a value of ``dtype`` (a float rounds; an integer or boolean must be exact)."""
+    if np.issubdtype(dtype, np.floating):
+        return bool(abs(value) <= np.finfo(dtype).max)
+    if dtype == np.bool_:
+        return value in (0, 1)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return float(value).is_integer() and info.min <= value <= info.max
+    return False  # BYTES (object) and anything else: no number pads it
+
+
+def signature(model: str, request: InferRequest, pad_inputs: PadInputs | None = None) -> tuple[Any, ...] | None:
+    """What a request may batch with, or None when it cannot batch (a scalar input).
+
+    With ``pad_inputs``, a request that can be padded (:func:`padded_length`) has :data:`PADDED` for
+    dimension 1 of its padded inputs: it batches with requests of other lengths. Without, or for a request
+    that cannot be padded, the signature is exactly the unpadded one.
+    """
     if any(len(t.shape) == 0 for t in request.inputs):
         return None
-    inputs = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+    if padded_length(request, pad_inputs) is not None:
+        assert pad_inputs is not None  # a length implies named inputs
+        inputs = tuple(
+            sorted((t.name, t.datatype, (PADDED,) if t.name in pad_inputs else t.shape[1:]) for t in request.inputs)
+        )
+    else:
+        inputs = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
     outputs = tuple(request.outputs) if request.outputs is not None else None
     params = orjson.dumps(request.parameters, option=orjson.OPT_SORT_KEYS) if request.parameters else b""
     return (model, inputs, outputs, params)
@@ -91,36 +160,125 @@ def rows(request: InferRequest) -> int:
     return request.inputs[0].shape[0] if request.inputs[0].shape else 1
 
 
-def merge(requests: list[InferRequest]) -> InferRequest:
-    """One request whose inputs are the given requests' inputs concatenated along dimension 0."""
+def merge(requests: list[InferRequest], pad_inputs: PadInputs | None = None) -> InferRequest:
+    """One request whose inputs are the given requests' inputs concatenated along dimension 0; an input named
+    in ``pad_inputs`` whose parts differ in length is first right-padded with its value along dimension 1 to
+    the longest. The requests themselves are left as they are (the exact cache keys on them)."""
     first = requests[0]
     if len(requests) == 1:
         return first
     merged = []
     for tensor in first.inputs:
         parts = [next(t for t in r.inputs if t.name == tensor.name).data for r in requests]
-        data = np.concatenate(parts, axis=0)
+        if pad_inputs and tensor.name in pad_inputs and _ragged(parts):
+            data = _padded(parts, pad_inputs[tensor.name])
+        else:
+            data = np.concatenate(parts, axis=0)
         merged.append(Tensor(tensor.name, tensor.datatype, tuple(data.shape), data))
     return InferRequest(inputs=merged, parameters=first.parameters, outputs=first.outputs)
 
 
-def split(outputs: list[Tensor], sizes: list[int]) -> list[list[Tensor]]:
+def _ragged(parts: list[np.ndarray]) -> bool:
+    return all(p.ndim == 2 for p in parts) and len({p.shape[1] for p in parts}) > 1
+
+
+def _padded(parts: list[np.ndarray], value: float) -> np.ndarray:
+    """The parts stacked along dimension 0 in one array of the longest length, filled with ``value`` beyond
+    each part's own (one allocation, each part copied once, as ``np.concatenate`` would)."""
+    longest = max(p.shape[1] for p in parts)
+    data = np.full((sum(p.shape[0] for p in parts), longest), value, dtype=parts[0].dtype)
+    start = 0
+    for part in parts:
+        data[start : start + part.shape[0], : part.shape[1]] = part
+        start += part.shape[0]
+    return data
+
+
+def padding_elements(sizes: list[int], lengths: list[int | None]) -> int:
+    """Pad values one padded input of a batch gets: each member's rows times its shortfall to the longest."""
+    if any(length is None for length in lengths):
+        return 0
+    own = [n for n in lengths if n is not None]
+    longest = max(own)
+    return sum(size * (longest - n) for size, n in zip(sizes, own, strict=True))
+
+
+def split(
+    outputs: list[Tensor],
+    sizes: list[int],
+    lengths: Sequence[int | None] | None = None,
+    sequence_outputs: Collection[str] | None = None,
+) -> list[list[Tensor]]:
     """Cut merged outputs back into per-request outputs by row counts (:class:`UpstreamShapeError` when an
-    output is not batched along the merged rows)."""
+    output is not batched along the merged rows).
+
+    ``lengths`` are the members' own padded lengths (a padded batch): an output of rank 2 or more whose
+    dimension 1 is the batch's longest length carries the sequence axis, and each member gets it cut back
+    to its own length (a token-level model answers a padded request with as many positions as it sent).
+    ``sequence_outputs`` names the outputs that may carry it (those the model declares of free dimension 1):
+    an output of fixed dimension 1 ([batch, 2] logits) is never cut, whatever the longest length; None
+    (the model's outputs unknown): any output may.
+    """
     total = sum(sizes)
     for out in outputs:
         if not out.shape or out.shape[0] != total:
             raise UpstreamShapeError(out.name, out.shape, total)
+    own: list[int] = []  # each member's own length, when the batch was padded
+    if lengths is not None and None not in lengths and len(set(lengths)) > 1:
+        own = [n for n in lengths if n is not None]
+    cut = {
+        out.name
+        for out in outputs
+        if own
+        and len(out.shape) >= 2
+        and out.shape[1] == max(own)
+        and (sequence_outputs is None or out.name in sequence_outputs)
+    }
     result: list[list[Tensor]] = []
     start = 0
-    for size in sizes:
+    for i, size in enumerate(sizes):
         part = []
         for out in outputs:
             data = out.data[start : start + size]
+            if out.name in cut:
+                data = np.ascontiguousarray(data[:, : own[i]])
             part.append(Tensor(out.name, out.datatype, tuple(data.shape), data))
         result.append(part)
         start += size
     return result
+
+
+def sequence_outputs_of(specs: Sequence[TensorSpec] | None) -> frozenset[str] | None:
+    """The outputs that may carry a padded sequence axis: those the model declares of free dimension 1
+    (None, any output, when its outputs are unknown)."""
+    if specs is None:
+        return None
+    return frozenset(s.name for s in specs if len(s.shape) >= 2 and s.shape[1] == -1)
+
+
+@dataclass
+class PaddedSize:
+    """A batch being formed, as padding sees it: its rows, the elements its members brought (rows times
+    their own length) and its longest length."""
+
+    rows: int = 0
+    brought: int = 0
+    longest: int = 0
+
+    def admits(self, rows: int, length: int | None) -> bool:
+        """Whether a member of ``rows`` rows and padded ``length`` may join: the padded batch then holds at
+        most :data:`MAX_PADDING_RATIO` times the elements its members brought. Always true for a request
+        that is not padded (no length) and for the first member (sent alone if need be)."""
+        if length is None or self.rows == 0:
+            return True
+        padded = (self.rows + rows) * max(self.longest, length)
+        return padded <= MAX_PADDING_RATIO * (self.brought + rows * length)
+
+    def add(self, rows: int, length: int | None) -> None:
+        if length is not None:
+            self.rows += rows
+            self.brought += rows * length
+            self.longest = max(self.longest, length)
 
 
 def expected_wait_s(waiting: int, in_flight: int, max_batch_size: int, concurrency: int, service_s: float) -> float:
@@ -153,6 +311,8 @@ class _Pending:
     future: asyncio.Future[list[Tensor]]
     rows: int
     timeout_s: float
+    length: int | None = None
+    """Its padded inputs' own length (dimension 1) when its signature is a padded one; None otherwise."""
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -173,6 +333,8 @@ class BatchStats:
 
     on_batch: Callable[[str, int], None] = lambda model, size: None
     on_queue_depth: Callable[[str, int], None] = lambda model, depth: None
+    on_padding: Callable[[str, int], None] = lambda model, elements: None
+    """Pad values added to a batch sent upstream (over all its padded inputs); called only when some were."""
 
 
 class DynamicBatcher:
@@ -180,6 +342,10 @@ class DynamicBatcher:
 
     ``isolate`` says whether a failed batch's error may be one member's fault (the sidecar: a client error
     from the upstream); such a batch is bisected rather than failed whole.
+
+    ``pad_inputs`` turns on ragged batching (see the module's doc); ``declared_outputs`` gives a model's
+    declared outputs when they are known (the sidecar read them to check the request): a padded batch's
+    outputs are cut back per member only along a dimension 1 the model declares free.
     """
 
     def __init__(
@@ -192,6 +358,8 @@ class DynamicBatcher:
         stats: BatchStats | None = None,
         isolate: Callable[[Exception], bool] = never,
         max_queue_wait_s: float = math.inf,
+        pad_inputs: PadInputs | None = None,
+        declared_outputs: Callable[[str], Sequence[TensorSpec] | None] = lambda model: None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max(1, max_batch_size)
@@ -202,6 +370,8 @@ class DynamicBatcher:
         self.slots = asyncio.Semaphore(self.concurrency)
         self.stats = stats or BatchStats()
         self.isolate = isolate
+        self.pad_inputs: dict[str, float | int] = dict(pad_inputs or {})
+        self.declared_outputs = declared_outputs
         self.groups: dict[tuple[Any, ...], _Group] = {}
         self.queued = 0
         self.reserved = 0
@@ -248,9 +418,10 @@ class DynamicBatcher:
         for its batch.
         """
         (place or self.admit()).release()  # the place becomes a queued request, with no await between
-        key = signature(model, request)
+        key = signature(model, request, self.pad_inputs)
+        length = padded_length(request, self.pad_inputs) if key is not None else None
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, loop.create_future(), rows(request), timeout_s)
+        pending = _Pending(request, loop.create_future(), rows(request), timeout_s, length)
         if key is None or pending.rows >= self.max_batch_size:
             self.queued += 1  # waits for a slot like any queued request
             self.stats.on_queue_depth(model, self.queued)
@@ -290,13 +461,18 @@ class DynamicBatcher:
                     except TimeoutError:
                         break
                 await self.slots.acquire()  # requests keep joining while every slot is busy
-                batch, size = [], 0
-                while group.items and size + group.items[0].rows <= self.max_batch_size:
+                batch, size, padded = [], 0, PaddedSize()
+                while (
+                    group.items
+                    and size + group.items[0].rows <= self.max_batch_size
+                    and padded.admits(group.items[0].rows, group.items[0].length)
+                ):
                     item = group.items.pop(0)
                     self.queued -= 1
                     if _still_wanted(item, time.monotonic()):  # callers gone or past their deadline are skipped
                         batch.append(item)
                         size += item.rows
+                        padded.add(item.rows, item.length)
                 if not batch and group.items:  # a single request larger than what is left: send it alone
                     batch = [group.items.pop(0)]
                     self.queued -= 1
@@ -355,16 +531,22 @@ class DynamicBatcher:
 
     async def _call(self, model: str, batch: list[_Pending]) -> list[list[Tensor]]:
         """One upstream call for ``batch``, split back per member; timed for :meth:`service_estimate`."""
-        self.stats.on_batch(model, sum(p.rows for p in batch))
+        sizes, lengths = [p.rows for p in batch], [p.length for p in batch]
+        self.stats.on_batch(model, sum(sizes))
+        if pad := padding_elements(sizes, lengths):
+            named = sum(1 for t in batch[0].request.inputs if t.name in self.pad_inputs)
+            self.stats.on_padding(model, pad * named)
         token = object()
         start = self._running[token] = time.monotonic()
         try:
-            outputs = await self.run_batch(model, merge([p.request for p in batch]))
+            outputs = await self.run_batch(model, merge([p.request for p in batch], self.pad_inputs))
         finally:
             del self._running[token]
         elapsed = time.monotonic() - start
         self.service_s = elapsed if self.service_s == 0 else 0.8 * self.service_s + 0.2 * elapsed
-        return split(outputs, [p.rows for p in batch])
+        if not self.pad_inputs:
+            return split(outputs, sizes)
+        return split(outputs, sizes, lengths, sequence_outputs_of(self.declared_outputs(model)))
 
 
 def _still_wanted(pending: _Pending, now: float) -> bool:

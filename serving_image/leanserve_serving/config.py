@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +60,11 @@ class SidecarConfig:
     model_version: str = "1"
     max_batch_size: int = 16
     max_wait_ms: float = 5.0
+    pad_inputs: dict[str, float | int] = dataclasses.field(default_factory=dict)
+    """Ragged batching (opt-in): inputs of rank 2 ([batch, seq]) right-padded along dimension 1 with the
+    given value, so requests of different lengths batch together (the batcher's doc says how). Only for a
+    model that ignores padded positions (an attention mask padded with 0). In the environment or on the
+    command line: ``input_ids=0,attention_mask=0`` or a JSON object; empty: off."""
     max_queue: int = 1024
     """Requests waiting for a batch; beyond this the sidecar answers 429 (before reading the request)."""
     max_queue_wait_s: float = 0.0
@@ -118,6 +124,58 @@ def _coerce(value: Any, target: Any) -> Any:
     return str(value)
 
 
+def parse_pad_inputs(value: Any) -> dict[str, float | int]:
+    """``pad_inputs`` from a mapping (a config file) or a string (``name=value,...`` or a JSON object); a
+    :class:`ValueError` naming the setting and the culprit for an empty name, a repeated one, or a value that
+    is no finite number. None (a file's ``pad_inputs: null``) is off, as empty is."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"pad_inputs: {text!r} is not a JSON object: {exc}") from None
+        else:
+            pairs: dict[str, Any] = {}
+            for item in (i for i in text.split(",") if i.strip()):
+                name, sep, raw = item.partition("=")
+                if not sep:
+                    raise ValueError(f"pad_inputs: {item.strip()!r} in {text!r} is not name=value")
+                if name.strip() in pairs:
+                    raise ValueError(f"pad_inputs: input {name.strip()!r} is named twice in {text!r}")
+                pairs[name.strip()] = _number(name.strip(), raw.strip())
+            value = pairs
+    if not isinstance(value, Mapping):
+        raise ValueError(f"pad_inputs: expected a mapping of input name to pad value, got {value!r}")
+    result: dict[str, float | int] = {}
+    for name, pad in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"pad_inputs: an input name must be a non-empty string, got {name!r}")
+        result[name.strip()] = _number(name, pad)
+    return result
+
+
+def _number(name: str, value: Any) -> float | int:
+    """A pad value: an int or a finite float, as given or as text (``"0"`` is the integer 0)."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"pad_inputs: the pad value of {name!r} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"pad_inputs: the pad value of {name!r} must be a finite number, got {value!r}")
+    return value
+
+
+#: Settings that need more than :func:`_coerce`'s conversion by the default's type.
+PARSERS: dict[str, Callable[[Any], Any]] = {"pad_inputs": parse_pad_inputs}
+
+
 def load_config(
     cls: type[T], overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> T:
@@ -139,5 +197,5 @@ def load_config(
         for key, value in layer.items():
             if key not in values:
                 raise ValueError(f"unknown setting {key!r} for {cls.__name__}; known: {', '.join(values)}")
-            values[key] = _coerce(value, values[key])
+            values[key] = PARSERS[key](value) if key in PARSERS else _coerce(value, values[key])
     return cls(**values)

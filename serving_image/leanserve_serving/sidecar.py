@@ -47,7 +47,7 @@ from leanserve_serving.cache import (
     exact_key,
     request_rows,
 )
-from leanserve_serving.config import SidecarConfig
+from leanserve_serving.config import SidecarConfig, parse_pad_inputs
 from leanserve_serving.embedders import make_embedder
 from leanserve_serving.http import (
     BATCH_BUCKETS,
@@ -160,6 +160,12 @@ class SidecarMetrics:
             "leanserve_batch_size", "Rows per batch sent upstream", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("leanserve_queue_depth", "Requests waiting for a batch", ["model"], registry=r)
+        self.padding = Counter(
+            "leanserve_padding_elements",
+            "Pad values added to batches sent upstream (pad_inputs: ragged batching)",
+            ["model"],
+            registry=r,
+        )
         self.cache_hits = Counter("leanserve_cache_hits_total", "Cache hits by kind", ["kind"], registry=r)
         self.cache_misses = Counter("leanserve_cache_misses_total", "Cache misses by kind", ["kind"], registry=r)
         self.cache_rejected = Counter(
@@ -526,9 +532,12 @@ class Sidecar:
             stats=BatchStats(
                 on_batch=lambda model, size: self.metrics.batch_size.labels(model).observe(size),
                 on_queue_depth=lambda model, depth: self.metrics.queue_depth.labels(model).set(depth),
+                on_padding=lambda model, elements: self.metrics.padding.labels(model).inc(elements),
             ),
             isolate=one_members_fault,
             max_queue_wait_s=self.config.max_queue_wait_s or self.config.request_timeout_s,
+            pad_inputs=self.config.pad_inputs,
+            declared_outputs=upstream.output_specs.get,  # read with the inputs when the request was checked
         )
 
     async def watch(self, state: SidecarState) -> None:
@@ -661,6 +670,14 @@ def create_app(config: SidecarConfig) -> web.Application:
     return Sidecar(config).app
 
 
+def pad_inputs_flag(text: str) -> dict[str, float | int]:
+    """``--pad-inputs``: refused by argparse with the parser's own reason (not "invalid value")."""
+    try:
+        return parse_pad_inputs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="leanserve batching, caching sidecar (Open Inference Protocol v2)")
     parser.add_argument("--upstream")
@@ -670,6 +687,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int)
     parser.add_argument("--max-wait-ms", type=float)
     parser.add_argument("--max-queue", type=int)
+    parser.add_argument(
+        "--pad-inputs", type=pad_inputs_flag, metavar="NAME=VALUE,...", help="ragged batching, e.g. input_ids=0"
+    )
     parser.add_argument("--redis-url")
     parser.add_argument("--semantic", dest="semantic_enabled", action="store_const", const=True)
     serve_main(parser, SidecarConfig, create_app, argv)
