@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from leanserve.controller.builders import (
     render_hpa,
     sidecar_settings,
 )
+from leanserve.planner.allocation import Resources
 from leanserve.planner.latency import Policy
 from leanserve.planner.plan import Candidate, replica_bounds
 from leanserve.planner.prices import load_prices
@@ -84,6 +86,16 @@ def test_every_object_is_owned_labelled_and_in_the_namespace():
         assert o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "leanserve"
 
 
+def test_the_serving_pod_requests_the_pod_size_the_plan_chose():
+    """A 1-vCPU replica (its profile measured at 1 vCPU): the sidecar a quarter, the model server the rest,
+    the memory both containers' part of the planned pod; limits equal requests."""
+    sized = replace(plan(), pod=Resources(1000, 1536), replicas_per_node=7)
+    by_name = containers(render_deployment(OWNER, spec(), sized, CPU, BuildSettings()))
+    model, sidecar = by_name["model-server"]["resources"], by_name["sidecar"]["resources"]
+    assert model["requests"] == model["limits"] == {"cpu": "750m", "memory": "1024Mi"}
+    assert sidecar["requests"] == sidecar["limits"] == {"cpu": "250m", "memory": "512Mi"}
+
+
 def test_the_serving_pod_is_restricted_probed_scraped_and_pinned_to_the_planned_type():
     d = render_deployment(OWNER, spec(), plan(), CPU, BuildSettings())
     pod = d["spec"]["template"]["spec"]
@@ -111,10 +123,11 @@ def test_the_serving_pod_is_restricted_probed_scraped_and_pinned_to_the_planned_
     env = {e["name"]: e["value"] for e in by_name["model-server"]["env"]}
     assert env["LEANSERVE_MODEL_NAME"] == OWNER.name
     assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    # The pod fills the node the profile was measured on: 8 vCPUs less the node's reserve.
+    # A plan without a pod size fills the node: what m5.2xlarge allocates to pods (8 vCPUs less GKE's reserve
+    # of 6 %, 1 %, 0.5 % x 2 and 0.25 % x 4 of its cores, and 100m for the daemonsets).
     model_cpu = by_name["model-server"]["resources"]["requests"]["cpu"]
     sidecar_cpu = by_name["sidecar"]["resources"]["requests"]["cpu"]
-    assert int(model_cpu[:-1]) + int(sidecar_cpu[:-1]) == 8000 - 500
+    assert int(model_cpu[:-1]) + int(sidecar_cpu[:-1]) == 8000 - (60 + 10 + 10 + 10) - 100
     assert "nvidia.com/gpu" not in by_name["model-server"]["resources"]["limits"]
 
 
@@ -252,7 +265,11 @@ def test_a_profiling_job_is_named_once_per_type_and_sized_like_the_serving_pod()
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     (bench,) = pod["containers"]
     serving = containers(render_deployment(OWNER, spec(), plan("g4dn.xlarge", "fp16"), GPU, BuildSettings()))
-    assert bench["resources"] == serving["model-server"]["resources"], "benched with what the model server gets"
+    # The bench runs the model server and the sidecar of its stack run in one container: the whole pod's CPU.
+    model, sidecar = serving["model-server"]["resources"], serving["sidecar"]["resources"]
+    pod_cpu = int(model["requests"]["cpu"][:-1]) + int(sidecar["requests"]["cpu"][:-1])
+    assert bench["resources"]["requests"] == bench["resources"]["limits"]
+    assert bench["resources"]["requests"] == {**model["requests"], "cpu": f"{pod_cpu}m"}, "benched in the pod served"
     assert bench["image"] == "gpu:1" and bench["terminationMessagePolicy"] == "File"
     assert bench["command"][:3] == ["python", "-m", "leanserve_serving.bench_job"]
     with pytest.raises(ValueError, match="needs model"):

@@ -209,7 +209,9 @@ def test_memory_that_does_not_fit_rejects_the_variant():
     result = plan_deployment(spec(candidates=["c6i.xlarge"]), [heavy], PRICES, FAST)
     assert result.winner is None
     reasons = {c.variant: c.reason for c in result.candidates}
-    assert reasons["fp32"].startswith("memory: 20000 MiB > 90% of 8 GiB")
+    # twice the resident memory, in 256 MiB steps, and the sidecar's 512 MiB; c6i.xlarge's 8 GiB less the reserve
+    assert reasons["fp32"].startswith("memory: the pod (3.82 vCPU, 40704 MiB) does not fit")
+    assert reasons["fp32"].endswith("allocates to pods (3.82 vCPU, 6048 MiB)")
     assert reasons["int8-dynamic"].startswith("memory")
     assert reasons["int8-static"].startswith("accuracy gate")  # checked first
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +18,8 @@ from urllib.parse import urlsplit
 from leanserve import __version__
 from leanserve.api.resource import API_VERSION, KIND
 from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.planner import allocation
+from leanserve.planner.allocation import Resources
 from leanserve.planner.plan import Candidate
 from leanserve.planner.prices import InstanceType
 
@@ -34,9 +35,6 @@ REDIS_PORT = 6379
 #: UID of the serving image's user (serving_image/Dockerfile) and of the redis image's.
 SERVING_UID = 10001
 REDIS_UID = 999
-#: CPU and memory left on a node for the kubelet, the OS and daemonsets.
-NODE_RESERVED_MILLICPU = 500
-NODE_MEMORY_SHARE = 0.85
 #: The per-pod metric the sidecar exports, as a custom metrics API serves it (prometheus-adapter rule).
 RPS_METRIC = "leanserve_requests_per_second"
 
@@ -201,21 +199,23 @@ def render_config(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidate) 
 
 
 def pod_resources(
-    spec: InferenceDeploymentSpec, itype: InstanceType, rss_mb: float | None
+    spec: InferenceDeploymentSpec, itype: InstanceType, pod: Resources | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model server, sidecar) resources: one pod fills its node, as the bench measured the model.
+    """(model server, sidecar) resources of a pod of ``pod``'s size (the plan's; None: the whole node).
 
-    The profile was measured with every core of the instance type, so the model
-    server gets the node's CPU less the sidecar's and the node's reserve. CPU
-    limits equal requests: a throttled model server is a latency the plan did
-    not predict.
+    The planner priced the replica by these requests (planner.allocation), and the profile it planned
+    from was measured at this many vCPUs with the model server and the sidecar sharing them, so the
+    sidecar gets its part and the model server the rest. CPU limits equal requests: a throttled model
+    server is a latency the plan did not predict.
     """
-    total = itype.vcpus * 1000 - NODE_RESERVED_MILLICPU
-    sidecar_cpu = 1000 if itype.vcpus >= 4 else 500
-    model_cpu = max(total - sidecar_cpu, 250)
-    node_mi = int(itype.memory_gi_b * 1024 * NODE_MEMORY_SHARE)
-    sidecar_mi = 1024 if spec.cache.semantic.enabled else 512
-    model_mi = min(node_mi - sidecar_mi, max(1024, math.ceil((rss_mb or 0) * 2 / 256) * 256))
+    if pod is None:
+        pod = allocation.replica_pod(itype.vcpus, None, spec.cache.semantic.enabled, itype)
+    sidecar_cpu = allocation.sidecar_millicpu(pod.millicpu)
+    model_cpu = max(pod.millicpu - sidecar_cpu, 250)
+    sidecar_mi = (
+        allocation.SIDECAR_SEMANTIC_MEMORY_MIB if spec.cache.semantic.enabled else allocation.SIDECAR_MEMORY_MIB
+    )
+    model_mi = max(pod.memory_mib - sidecar_mi, allocation.MODEL_MEMORY_FLOOR_MIB)
     model = {
         "requests": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
         "limits": {"cpu": f"{model_cpu}m", "memory": f"{model_mi}Mi"},
@@ -340,7 +340,8 @@ def render_deployment(
     """
     gpu = itype.is_gpu
     image = _image(spec, itype, settings)
-    model_res, sidecar_res = pod_resources(spec, itype, plan.memory_mb)
+    pod = plan.pod or allocation.replica_pod(itype.vcpus, plan.memory_mb, spec.cache.semantic.enabled, itype)
+    model_res, sidecar_res = pod_resources(spec, itype, pod)
     fetch_args = [
         "python",
         "-m",
@@ -635,13 +636,19 @@ def render_profiling_job(
 ) -> dict[str, Any]:
     """A Job that benches the spec's model on one instance type and reports the profile in its termination message.
 
-    Its pod takes what a serving pod will take on that node (the bench's threads
-    follow the container's CPU limit, as the model server's do), so the profile
-    measures what the plan will run.
+    Its pod requests the CPU it measures with: a serving replica's whole pod on
+    that node (the bench's threads follow the container's CPU limit, as the model
+    server's do), so the profile measures what the plan will run.
     """
     if spec.model.evaluation is None:
         raise ValueError("profiling needs model.evaluation")
-    model_res, _ = pod_resources(spec, itype, None)
+    # The bench runs the model server and the sidecar of its stack run in this one container: it takes
+    # the whole pod a replica takes (the type's whole node; its threads follow the CPU limit).
+    pod = allocation.replica_pod(itype.vcpus, None, spec.cache.semantic.enabled, itype)
+    model_res, _ = pod_resources(spec, itype, pod)
+    if spec.serving.resources is None:
+        for kind in ("requests", "limits"):
+            model_res[kind]["cpu"] = f"{pod.millicpu}m"
     args = [
         "python",
         "-m",

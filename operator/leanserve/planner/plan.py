@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from leanserve.api.spec import InferenceDeploymentSpec
+from leanserve.planner import allocation
+from leanserve.planner.allocation import Resources
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
 from leanserve.planner.prices import InstanceType, PriceTable
 from leanserve.planner.unavailable import Unavailable
@@ -60,8 +62,15 @@ class Candidate:
     variant: str
     policy: Policy
     price_per_hour: float
+    """USD per hour of one replica: its pod's share of the node times the node's price (planner.allocation)."""
     is_gpu: bool
     quality_drop: float
+    node_price_per_hour: float = 0.0
+    """USD per hour of a whole node of the type (what a replica costs when it has a node to itself)."""
+    pod: Resources | None = None
+    """One replica's requests: the vCPUs its profile was measured with, and both containers' memory."""
+    replicas_per_node: int = 0
+    """How many replicas one node holds (0: the pod does not fit the node's allocatable resources)."""
     capacity_rps: float = 0.0
     latency_ms: float = float("nan")
     mean_batch: float = 1.0
@@ -94,13 +103,23 @@ class Candidate:
     def replicas_average(self) -> float:
         return float(np.mean(self.replicas_hourly)) if self.replicas_hourly else 0.0
 
+    @property
+    def pod_vcpus(self) -> int | None:
+        return self.pod.millicpu // 1000 if self.pod else None
+
+    @property
+    def nodes_peak(self) -> int:
+        """Whole nodes the peak's replicas pack onto."""
+        return allocation.nodes_for(self.replicas_peak, self.replicas_per_node)
+
     def label(self) -> str:
         batching = (
             "no batching"
             if self.policy.max_batch == 1
             else f"batch<={self.policy.max_batch}/{self.policy.max_wait_ms:g}ms"
         )
-        return f"{self.instance_type} {self.variant} {batching}"
+        size = f" {self.pod.millicpu / 1000:g} vCPU" if self.pod and not self.is_gpu else ""
+        return f"{self.instance_type}{size} {self.variant} {batching}"
 
 
 @dataclass
@@ -198,14 +217,15 @@ def plan_deployment(
     """
     options = options or PlanOptions()
     memo = EvaluationMemo() if memo is None else memo
-    by_type = {p.instance_type: p for p in profiles}
+    by_type: dict[str, list[Profile]] = {}
+    for p in profiles:
+        by_type.setdefault(p.instance_type, []).append(p)
     names = spec.candidates or [t.name for t in prices.instance_types]
     rejected: list[Candidate] = []
     pending: list[tuple[Candidate, ServiceCurve]] = []
     wanted = spec.precision
     for name in names:
         itype: InstanceType | None = prices.get(name)
-        profile = by_type.get(name)
         stub = Candidate(
             instance_type=name,
             variant="fp32",
@@ -213,6 +233,7 @@ def plan_deployment(
             price_per_hour=itype.on_demand_usd_per_hour if itype else 0.0,
             is_gpu=bool(itype and itype.is_gpu),
             quality_drop=0.0,
+            node_price_per_hour=itype.on_demand_usd_per_hour if itype else 0.0,
         )
         if itype is None:
             rejected.append(replace(stub, reason="not in the price table"))
@@ -220,25 +241,23 @@ def plan_deployment(
         if name in options.unavailable:
             rejected.append(replace(stub, reason=options.unavailable[name].reason))
             continue
-        if profile is None:
+        if name not in by_type:
             rejected.append(replace(stub, reason="no profile measured on this type"))
             continue
-        for v in profile.variants:
-            if v.status != "ok" or not v.latency:
-                continue
-            if wanted != "auto" and PRECISION_OF[v.name] != wanted:
-                continue
-            base = replace(stub, variant=v.name, quality_drop=v.quality_drop or 0.0, memory_mb=v.rss_mb)
-            if v.name != "fp32" and (v.quality_drop or 0.0) > spec.sla.max_accuracy_drop:
-                gate = f"accuracy gate: drop {v.quality_drop:.4f} > {spec.sla.max_accuracy_drop:g}"
-                rejected.append(replace(base, reason=gate))
-                continue
-            if v.rss_mb and v.rss_mb > itype.memory_gi_b * 1024 * 0.9:
-                rejected.append(replace(base, reason=f"memory: {v.rss_mb:.0f} MiB > 90% of {itype.memory_gi_b:g} GiB"))
-                continue
-            curve = service_curve(v)
-            for policy in _policies(spec, max(curve.batch_sizes)):
-                pending.append((replace(base, policy=policy, curve=curve), curve))
+        for profile in by_type[name]:
+            for v in profile.variants:
+                if v.status != "ok" or not v.latency:
+                    continue
+                if wanted != "auto" and PRECISION_OF[v.name] != wanted:
+                    continue
+                base = _sized(stub, itype, profile, v, spec.cache.semantic.enabled)
+                if v.name != "fp32" and (v.quality_drop or 0.0) > spec.sla.max_accuracy_drop:
+                    gate = f"accuracy gate: drop {v.quality_drop:.4f} > {spec.sla.max_accuracy_drop:g}"
+                    rejected.append(replace(base, reason=gate))
+                    continue
+                curve = service_curve(v)
+                for policy in _policies(spec, max(curve.batch_sizes)):
+                    pending.append((replace(base, policy=policy, curve=curve), curve))
     rates = traffic_shape(spec)
     hit = options.observed_hit_rate
     if hit is None:
@@ -257,8 +276,8 @@ def plan_deployment(
         cand.replicas_hourly = _size(served, cand.capacity_rps, max(warm, 1), False)
         cand.monthly_cost, cand.cost_per_million = _price(cand, cand.replicas_hourly, spec.traffic.average_rps)
         cand.replicas_min, cand.replicas_max = replica_bounds(spec, cand)
-        cand.reason = _budget_reason(spec, cand)
-    ranked = sorted(evaluated, key=lambda c: (not c.feasible, c.cost_per_million, c.latency_ms)) + rejected
+        cand.reason = cand.reason or _budget_reason(spec, cand)
+    ranked = sorted(evaluated, key=rank_key) + rejected
     winner = ranked[0] if ranked and ranked[0].feasible else None
     result = PlanResult(winner, ranked, [], hourly_rps=rates, hit_rate=hit)
     if winner is None:
@@ -266,6 +285,38 @@ def plan_deployment(
     else:
         result.waterfall = savings_waterfall(spec, evaluated, winner, rates, hit, warm)
     return result
+
+
+def _sized(
+    stub: Candidate, itype: InstanceType, profile: Profile, variant: VariantProfile, semantic_cache: bool
+) -> Candidate:
+    """A candidate of ``variant`` with its replica's pod and price: the pod takes the vCPUs the profile was
+    measured with (never a size nobody measured), or the whole node when that is all of it; a GPU replica
+    takes its node. A pod that does not fit the node is kept, priced as a whole node, with the reason."""
+    pod = allocation.replica_pod(profile.threads, variant.rss_mb, semantic_cache, itype)
+    per_node = allocation.replicas_per_node(pod, itype)
+    sized = replace(
+        stub,
+        variant=variant.name,
+        quality_drop=variant.quality_drop or 0.0,
+        memory_mb=variant.rss_mb,
+        pod=pod,
+        replicas_per_node=per_node,
+        price_per_hour=allocation.replica_price(pod, itype) if per_node else itype.on_demand_usd_per_hour,
+    )
+    if per_node == 0:
+        node = allocation.allocatable(itype)
+        short = "memory" if pod.memory_mib > node.memory_mib else "cpu"
+        sized.reason = (
+            f"{short}: the pod ({pod.millicpu / 1000:g} vCPU, {pod.memory_mib} MiB) does not fit what "
+            f"{itype.name} allocates to pods ({node.millicpu / 1000:g} vCPU, {node.memory_mib} MiB)"
+        )
+    return sized
+
+
+def rank_key(c: Candidate) -> tuple[bool, float, float, float]:
+    """Feasible first, then cheaper; between equal costs, the smaller accuracy drop, then the lower latency."""
+    return (not c.feasible, round(c.cost_per_million, 9), c.quality_drop, c.latency_ms)
 
 
 def replica_bounds(spec: InferenceDeploymentSpec, cand: Candidate) -> tuple[int, int]:
@@ -403,37 +454,52 @@ def savings_waterfall(
 ) -> list[SavingsStep]:
     """Cost per 1M from the naive baseline through each lever in turn to the plan.
 
-    Baseline: the default CPU type (the first CPU type considered), fp32, no batching,
-    no cache, always on and sized for peak. Each lever then picks its best option
-    given the ones before it.
+    Baseline: what a team runs before optimizing: the default CPU type (the first CPU type considered),
+    fp32, no batching, no cache, one replica per node (the largest pod measured on that type, paying the
+    whole node), always on and sized for peak. Each lever then picks its best option given the ones
+    before it; right-sizing is the pod size and the instance type, priced by the pod's share of its node.
     """
     avg = spec.traffic.average_rps
     usable = [c for c in evaluated if c.capacity_rps > 0]
 
-    def cost(c: Candidate, with_cache: bool, autoscale: bool) -> float:
+    def cost(c: Candidate, with_cache: bool, autoscale: bool, whole_node: bool) -> float:
         served = [r * (1 - hit) for r in rates] if with_cache else rates
         replicas = _size(served, c.capacity_rps, max(warm, 1), not autoscale)
-        return _price(c, replicas, avg)[1]
+        price = c.node_price_per_hour if whole_node else c.price_per_hour
+        return _price(replace(c, price_per_hour=price), replicas, avg)[1]
+
+    def naive(c: Candidate) -> float:
+        return cost(c, False, False, True)
 
     cpu = [c for c in usable if not c.is_gpu]
     base_type = (cpu or usable)[0].instance_type
-    on_base = [c for c in usable if c.instance_type == base_type]
+    on_type = [c for c in usable if c.instance_type == base_type]
+    largest = max(c.pod_vcpus or 0 for c in on_type)
+    on_base = [c for c in on_type if (c.pod_vcpus or 0) == largest]
     unbatched = [c for c in on_base if c.policy.max_batch == 1]
-    baseline = next((c for c in unbatched if c.variant == "fp32"), None) or min(
-        unbatched or on_base, key=lambda c: cost(c, False, False)
-    )
-    steps = [
-        SavingsStep(
-            "baseline", cost(baseline, False, False), f"{base_type}, fp32, no batching, no cache, always on for peak"
-        )
-    ]
-    quant = min(unbatched or [baseline], key=lambda c: cost(c, False, False))
-    steps.append(SavingsStep("quantization", cost(quant, False, False), f"{quant.variant} on {base_type}"))
-    batched = min([c for c in on_base if c.variant == quant.variant] or [quant], key=lambda c: cost(c, False, False))
-    steps.append(SavingsStep("batching", cost(batched, False, False), batched.label()))
-    sized = min(usable, key=lambda c: cost(c, False, False))
-    steps.append(SavingsStep("right-sizing", cost(sized, False, False), sized.label()))
-    steps.append(SavingsStep("caching", cost(sized, True, False), f"{hit:.0%} of requests answered from the cache"))
-    steps.append(SavingsStep("autoscaling", cost(sized, True, True), f"hourly replicas, warm pool {warm}"))
+    baseline = next((c for c in unbatched if c.variant == "fp32"), None) or min(unbatched or on_base, key=naive)
+    node = f"{base_type}, one replica per node"
+    steps = [SavingsStep("baseline", naive(baseline), f"{node}, fp32, no batching, no cache, always on for peak")]
+    quant = min(unbatched or [baseline], key=naive)
+    steps.append(SavingsStep("quantization", naive(quant), f"{quant.variant}, {node}"))
+    batched = min([c for c in on_base if c.variant == quant.variant] or [quant], key=naive)
+    steps.append(SavingsStep("batching", naive(batched), f"{batched.label()}, one replica per node"))
+    fitting = [c for c in usable if c.replicas_per_node > 0] or [batched]
+    sized = min(fitting, key=lambda c: cost(c, False, False, False))
+    steps.append(SavingsStep("right-sizing", cost(sized, False, False, False), _sizing(sized)))
+    cached = cost(sized, True, False, False)
+    steps.append(SavingsStep("caching", cached, f"{hit:.0%} of requests answered from the cache"))
+    steps.append(SavingsStep("autoscaling", cost(sized, True, True, False), f"hourly replicas, warm pool {warm}"))
     steps.append(SavingsStep("plan", winner.cost_per_million, winner.label()))
     return steps
+
+
+def _sizing(c: Candidate) -> str:
+    """How a right-sized replica is priced, in words."""
+    if c.pod is None or c.replicas_per_node == 0:
+        return c.label()
+    share = c.price_per_hour / c.node_price_per_hour if c.node_price_per_hour else 1.0
+    return (
+        f"{c.label()}: a pod of {c.pod.millicpu / 1000:g} vCPU and {c.pod.memory_mib} MiB pays {share:.0%} "
+        f"of the node ({c.replicas_per_node} per node)"
+    )

@@ -20,6 +20,10 @@ class InstanceType(BaseModel):
     gpu_model: str | None = None
     on_demand_usd_per_hour: float = Field(gt=0)
     spot_usd_per_hour: float | None = Field(default=None, gt=0)
+    reserved_millicpu: int | None = Field(default=None, ge=0)
+    """CPU the node keeps from pods (kubelet, OS, daemonsets); None: GKE's formula (planner.allocation)."""
+    reserved_memory_mi_b: int | None = Field(default=None, ge=0, alias="reservedMemoryMiB")
+    """Memory the node keeps from pods, MiB; None: GKE's formula plus eviction threshold and daemonsets."""
 
     @property
     def is_gpu(self) -> bool:
