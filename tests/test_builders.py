@@ -322,3 +322,16 @@ def test_the_cache_key_comes_from_a_secret_without_data_and_the_keys_are_scoped(
     settings = json.loads(objects["ConfigMap/fraud-sidecar"]["data"]["sidecar.json"])
     assert settings["cache_namespace"] == f"{OWNER.namespace}/fraud"
     assert settings["model_digest"].endswith(":" + plan().variant)
+
+
+def test_ragged_batching_reaches_the_sidecar_as_its_pad_inputs_setting_which_the_sidecar_parses(tmp_path):
+    from leanserve_serving.config import SidecarConfig, load_config
+
+    padded = spec(batching={"mode": "auto", "padInputs": {"input_ids": 0, "attention_mask": 0}})
+    settings = sidecar_settings(OWNER, padded, plan())
+    assert settings["pad_inputs"] == {"input_ids": 0, "attention_mask": 0}
+    assert sidecar_settings(OWNER, spec(), plan())["pad_inputs"] == {}
+    config_file = tmp_path / "sidecar.json"
+    config_file.write_text(json.dumps(settings))
+    loaded = load_config(SidecarConfig, environ={"LEANSERVE_CONFIG_FILE": str(config_file)})
+    assert loaded.pad_inputs == {"input_ids": 0, "attention_mask": 0}

@@ -201,6 +201,11 @@ class BatchingSpec(ApiModel):
     """Largest batch sent to the model server."""
     max_wait_ms: float | None = Field(default=None, ge=0, le=1000)
     """Longest time the oldest request of a batch waits for the batch to fill."""
+    pad_inputs: dict[str, float] = Field(default_factory=dict, max_length=16)
+    """Ragged batching: inputs of shape [batch, sequence] named here are right-padded with the given value
+    to the longest sequence in the batch, so requests of different lengths batch together (for example
+    ``{input_ids: 0, attention_mask: 0}`` for a BERT-style model). Only correct for a model that ignores
+    padded positions (an attention mask padded with 0); every sequence input must be named."""
 
 
 class ExactCacheSpec(ApiModel):

@@ -64,6 +64,16 @@ class PlanStatus(ApiModel):
     """Predicted USD per million requests."""
     monthly_cost: float | None = Field(default=None, ge=0)
     """Predicted USD per month."""
+    pod_cpu: str | None = None
+    """One replica's CPU request (the vCPUs its profile was measured at), e.g. ``1000m``."""
+    pod_memory: str | None = None
+    """One replica's memory request, both containers, e.g. ``1536Mi``."""
+    node_share: float | None = Field(default=None, ge=0)
+    """The fraction of a node's price one replica pays: the larger of its CPU and memory shares of what the
+    node allocates to pods (OpenCost's allocation)."""
+    replicas_per_node: int | None = Field(default=None, ge=0)
+    nodes_at_peak: int | None = Field(default=None, ge=0)
+    """Whole nodes the replicas needed at peak pack onto."""
     profile_keys: list[str] = Field(default_factory=list)
     """The profiles the plan was computed from."""
 

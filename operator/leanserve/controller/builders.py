@@ -173,6 +173,7 @@ def sidecar_settings(owner: Owner, spec: InferenceDeploymentSpec, plan: Candidat
         "grpc_port": SIDECAR_GRPC_PORT,
         "max_batch_size": plan.policy.max_batch,
         "max_wait_ms": plan.policy.max_wait_ms,
+        "pad_inputs": dict(spec.batching.pad_inputs),
         "redis_url": redis_url if (cache.exact.enabled or cache.semantic.enabled) else "",
         "exact_enabled": cache.exact.enabled,
         "cache_ttl_seconds": cache.exact.ttl_seconds,

@@ -32,6 +32,11 @@ def plan_status(result: PlanResult) -> PlanStatus | None:
         predicted_latency_ms=_round(w.latency_ms, 2),
         cost_per_million_requests=_round(w.cost_per_million),
         monthly_cost=_round(w.monthly_cost, 2),
+        pod_cpu=f"{w.pod.millicpu}m" if w.pod else None,
+        pod_memory=f"{w.pod.memory_mib}Mi" if w.pod else None,
+        node_share=_round(w.price_per_hour / w.node_price_per_hour) if w.pod and w.node_price_per_hour else None,
+        replicas_per_node=w.replicas_per_node or None,
+        nodes_at_peak=w.nodes_peak or None,
     )
 
 
