@@ -32,6 +32,7 @@ def serving_stack(
     quiet: bool = True,
     cpus: local.CPUs = None,
     supervision: Supervision | None = None,
+    pad_inputs: dict[str, float] | None = None,
 ) -> Iterator[str]:
     """The model server and the sidecar with ``policy``'s batching (on ``cpus``); yields the infer URL.
 
@@ -46,5 +47,6 @@ def serving_stack(
         quiet=quiet,
         cpus=cpus,
         supervision=supervision,
+        pad_inputs=pad_inputs,
     ) as url:
         yield url

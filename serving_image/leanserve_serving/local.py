@@ -238,10 +238,14 @@ def sidecar(
     redis_url: str = "",
     quiet: bool = True,
     cpus: CPUs = None,
+    pad_inputs: dict[str, float] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """The sidecar container as a local process in front of ``upstream``; yields it and its port."""
+    """The sidecar container as a local process in front of ``upstream``; yields it and its port.
+    ``pad_inputs``: ragged batching (the sidecar's setting of that name)."""
     port = port or free_port()
     flags = cli_flags(upstream=upstream, host="127.0.0.1", port=port, max_batch_size=max_batch, max_wait_ms=max_wait_ms)
+    if pad_inputs:
+        flags += cli_flags(pad_inputs=",".join(f"{name}={value:g}" for name, value in pad_inputs.items()))
     proc = _start([sys.executable, "-m", "leanserve_serving.sidecar", *flags], _env(redis_url, cpus), quiet, cpus)
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
@@ -261,13 +265,14 @@ def serving_stack(
     quiet: bool = True,
     cpus: CPUs = None,
     supervision: Supervision | None = None,
+    pad_inputs: dict[str, float] | None = None,
 ) -> Iterator[str]:
     """A pod's two containers as local processes: the model server and, in front, the sidecar with this
     batching (and a cache when ``redis_url`` is set), both on ``cpus``. Yields the infer URL; stops both after.
     With ``supervision``, the model server is restarted when it exits (see :class:`Supervision`)."""
     with (
         model_server(model, name, quiet, cpus, supervision) as server,
-        sidecar(server.url, max_batch, max_wait_ms, port, redis_url, quiet, cpus) as (_, front),
+        sidecar(server.url, max_batch, max_wait_ms, port, redis_url, quiet, cpus, pad_inputs) as (_, front),
     ):
         try:
             yield f"http://127.0.0.1:{front}/v2/models/{name}/infer"

@@ -47,16 +47,33 @@ class StackError(RuntimeError):
     """The stack did not answer as it should (a non-200, a closed connection)."""
 
 
-def v2_body(feeds: dict[str, np.ndarray], specs: list[TensorSpec]) -> bytes:
-    """A v2 infer request body holding the first row of each input, typed as the model declares it."""
+def v2_body(feeds: dict[str, np.ndarray], specs: list[TensorSpec], row: int = 0) -> bytes:
+    """A v2 infer request body holding one row of each input, typed as the model declares it.
+
+    With an ``attention_mask`` input, the row is cut to its own length (the last position its mask keeps):
+    a client sends a text as long as it is, and the sidecar pads a batch to its longest (``pad_inputs``)."""
     types = {s.name: s.datatype for s in specs}
+    mask = feeds.get("attention_mask")
+    length = None
+    if mask is not None and mask.ndim == 2:
+        kept = np.flatnonzero(mask[row])
+        length = int(kept[-1]) + 1 if kept.size else 1
     inputs = []
     for name, array in feeds.items():
         datatype = types.get(name, "FP32")
-        data = array[:1]
+        data = array[row : row + 1]
+        if length is not None and mask is not None and data.ndim == 2 and array.shape == mask.shape:
+            data = data[:, :length]
         values = [str(x) for x in data.ravel()] if datatype == "BYTES" else data.ravel().tolist()
         inputs.append({"name": name, "datatype": datatype, "shape": [1, *data.shape[1:]], "data": values})
     return orjson.dumps({"inputs": inputs})
+
+
+def v2_bodies(feeds: dict[str, np.ndarray], specs: list[TensorSpec], count: int = 64) -> list[bytes]:
+    """Bodies of ``count`` rows spread over the data (every row when fewer): requests as varied as the data."""
+    rows = len(next(iter(feeds.values())))
+    picks = np.unique(np.linspace(0, rows - 1, min(count, rows)).astype(int))
+    return [v2_body(feeds, specs, int(r)) for r in picks]
 
 
 def http_request(port: int, path: str, body: bytes) -> bytes:
@@ -80,9 +97,12 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         raise StackError(f"the stack answered {status.decode()}")
 
 
-async def closed_loop(port: int, request: bytes, connections: int, seconds: float, at_least: int = 0) -> list[float]:
+async def closed_loop(
+    port: int, request: bytes | list[bytes], connections: int, seconds: float, at_least: int = 0
+) -> list[float]:
     """Completion times (perf_counter seconds) of requests sent back-to-back on ``connections`` connections,
-    for ``seconds`` or until ``at_least`` requests are done (within ten times ``seconds``).
+    for ``seconds`` or until ``at_least`` requests are done (within ten times ``seconds``). Several requests
+    are sent in turn, each connection starting at its own place in the list.
 
     Timed from the first reply, as the warm-up cut is: opening many connections and the first full batch can
     take longer than a short run, and timing from the start left nothing after the warm-up."""
@@ -93,20 +113,24 @@ async def closed_loop(port: int, request: bytes, connections: int, seconds: floa
         elapsed = time.perf_counter() - (done[0] if done else start)
         return elapsed < seconds or (len(done) < at_least and elapsed < 10 * seconds)
 
-    async def client() -> None:
+    requests = request if isinstance(request, list) else [request]
+
+    async def client(first: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent = first
         try:
             while going():
-                await _exchange(reader, writer, request)
+                await _exchange(reader, writer, requests[sent % len(requests)])
+                sent += connections
                 done.append(time.perf_counter())
         finally:
             writer.close()
 
-    await asyncio.gather(*(client() for _ in range(connections)))
+    await asyncio.gather(*(client(i) for i in range(connections)))
     return done
 
 
-async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed: int = 1) -> list[float]:
+async def open_loop(port: int, request: bytes | list[bytes], rate: float, seconds: float, seed: int = 1) -> list[float]:
     """Latencies (s) of Poisson arrivals at ``rate``, each from the moment it is sent.
 
     From the send, not the scheduled arrival: at the trickle this runs, nothing waits for anything else, and
@@ -115,10 +139,12 @@ async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     latencies: list[float] = []
 
-    async def one() -> None:
+    requests = request if isinstance(request, list) else [request]
+
+    async def one(body: bytes) -> None:
         conn = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
         sent = time.perf_counter()
-        await _exchange(*conn, request)
+        await _exchange(*conn, body)
         latencies.append(time.perf_counter() - sent)
         idle.append(conn)
 
@@ -129,7 +155,7 @@ async def open_loop(port: int, request: bytes, rate: float, seconds: float, seed
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(one(requests[len(tasks) % len(requests)])))
         at += rng.exponential(1 / rate)
     await asyncio.gather(*tasks)
     for _, writer in idle:
@@ -155,24 +181,29 @@ def batch_cycles(done: list[float], size: int, warmup: float) -> np.ndarray:
 
 def measure_stack(
     model: Path,
-    body: bytes,
+    body: bytes | list[bytes],
     batch_sizes: list[int],
     seconds: float = 0.6,
     trickle_seconds: float = 3.0,
     progress: Callable[[str], None] = lambda _: None,
     cpus: CPUs = None,
     client_cpus: CPUs = None,
+    pad_inputs: dict[str, float] | None = None,
 ) -> StackFigures:
     """Batch time by batch size, its jitter, and the latency outside the batch, through the real stack
-    (its processes on ``cpus``, this process's client on ``client_cpus``; None: wherever the OS puts them)."""
+    (its processes on ``cpus``, this process's client on ``client_cpus``; None: wherever the OS puts them).
+
+    Several bodies (requests of different lengths, ``pad_inputs`` padding them in a batch) are sent in
+    turn, so a batch holds requests as varied as the traffic's and is timed at the length it pads to."""
+    bodies = body if isinstance(body, list) else [body]
     name = "bench"
     path = f"/v2/models/{name}/infer"
     batch_ms: dict[int, float] = {}
     ratios: list[np.ndarray] = []
     with running_on(client_cpus), model_server(model, name, cpus=cpus) as server:
         for size in [b for b in batch_sizes if b <= MAX_STACK_BATCH]:
-            with sidecar(server.url, size, 50.0, cpus=cpus) as (_, port):
-                request = http_request(port, path, body)
+            with sidecar(server.url, size, 50.0, cpus=cpus, pad_inputs=pad_inputs) as (_, port):
+                request = [http_request(port, path, b) for b in bodies]
                 # Twice the batch keeps a full batch waiting; a few more connections than that, as real traffic
                 # spreads over many (each costs the event loop a little).
                 done = asyncio.run(closed_loop(port, request, 2 * size + 8, seconds + WARMUP_S, 24 * size))
@@ -183,8 +214,8 @@ def measure_stack(
                 ratios.append(cycles / cycles.mean())
                 rows_per_s = size / batch_ms[size] * 1000
                 progress(f"stack: batch {size}: {batch_ms[size]:.2f} ms a batch ({rows_per_s:.0f} rows/s)")
-        with sidecar(server.url, 1, 0.0, cpus=cpus) as (_, port):
-            request = http_request(port, path, body)
+        with sidecar(server.url, 1, 0.0, cpus=cpus, pad_inputs=pad_inputs) as (_, port):
+            request = [http_request(port, path, b) for b in bodies]
             single = batch_ms.get(1) or min(batch_ms.values())
             rate = min(50.0, 100.0 / single)  # about 10 % busy: nobody waits for anybody
             asyncio.run(open_loop(port, request, rate, 0.5))  # warm-up
