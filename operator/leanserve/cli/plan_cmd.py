@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     profiles = [Profile.model_validate_json(f.read_text()) for f in files]
     spec = doc.resource.spec
-    result = plan_deployment(spec, profiles, load_prices(args.prices), PlanOptions(overhead_ms=args.overhead_ms))
+    options = PlanOptions(overhead_ms=args.overhead_ms)
+    result = plan_deployment(spec, profiles, load_prices(args.prices), options)
     status = {
         "plan": (p.to_api() if (p := plan_status(result)) else None),
         "candidates": [r.to_api() for r in candidate_rows(result)],
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         "infeasible": result.infeasible or None,
     }
     if args.report:
-        for path in write_report(result, spec, args.report):
+        for path in write_report(result, spec, args.report, options):
             console.print(f"report: {path}")
     if args.output == "json":
         print(json.dumps(status))
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         "batching",
         f"{percentile} ms",
         "req/s/replica",
-        "replicas avg/peak",
+        "pod (per node)",
+        "replicas avg/peak (nodes)",
         "$/1M",
         "$/month",
         "why not",
@@ -73,9 +75,19 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(col)
     for i, c in enumerate(result.candidates[:25], 1):
         batching = "off" if c.policy.max_batch == 1 else f"{c.policy.max_batch}/{c.policy.max_wait_ms:g}ms"
-        replicas = f"{c.replicas_average:.1f}/{c.replicas_peak}" if c.replicas_hourly else "-"
+        replicas = f"{c.replicas_average:.1f}/{c.replicas_peak} ({c.nodes_peak})" if c.replicas_hourly else "-"
+        pod = f"{c.pod.millicpu / 1000:g} vCPU {c.pod.memory_mib}Mi ({c.replicas_per_node})" if c.pod else "-"
         why_not = (c.reason or "[green]winner[/green]") if i == 1 and c.feasible else c.reason
-        row = [str(i), c.instance_type, c.variant, batching, f"{c.latency_ms:.1f}", f"{c.capacity_rps:.0f}", replicas]
+        row = [
+            str(i),
+            c.instance_type,
+            c.variant,
+            batching,
+            f"{c.latency_ms:.1f}",
+            f"{c.capacity_rps:.0f}",
+            pod,
+            replicas,
+        ]
         table.add_row(*row, f"{c.cost_per_million:.3f}", f"{c.monthly_cost:.0f}", why_not)
     console.print(table)
     if result.winner is None:
