@@ -359,3 +359,42 @@ def test_cli_creates_the_output_folders(tabular, tmp_path, capsys):
     capsys.readouterr()
     assert Profile.model_validate_json(full.read_text()).variants[0].name == "fp32"
     assert 0 < len(compact.read_bytes()) <= TERMINATION_MESSAGE_LIMIT
+
+
+def test_sequence_batches_are_cut_to_their_own_longest_row():
+    """A batch of right-padded token rows runs at its longest row's width, as a server pads a batch; inputs
+    not shaped like the mask (and data without a mask) come unchanged; trim=False keeps the set's width."""
+    from leanserve_serving.bench.evaldata import EvalData
+
+    lengths = np.array([3, 7, 2, 5])
+    mask = (np.arange(9) < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, 1000, 0)
+    pooled_bias = np.ones((4, 3), np.float32)
+    data = EvalData({"input_ids": ids, "attention_mask": mask, "bias": pooled_bias}, np.zeros(4, np.int64))
+    short = data.batch(2, 2)  # rows 2 and 3: lengths 2 and 5
+    assert short["input_ids"].shape == short["attention_mask"].shape == (2, 5)
+    assert short["bias"].shape == (2, 3)
+    np.testing.assert_array_equal(short["attention_mask"].sum(1), [2, 5])
+    assert data.batch(0, 4)["input_ids"].shape == (4, 7)
+    assert data.batch(3, 2)["input_ids"].shape == (2, 5)  # wraps: rows 3 and 0
+    assert data.batch(2, 2, trim=False)["input_ids"].shape == (2, 9)
+    assert data.take(np.array([1]))["attention_mask"].shape == (1, 7)
+    plain = EvalData({"input": np.zeros((4, 9), np.float32)}, None)
+    assert plain.batch(0, 2)["input"].shape == (2, 9)
+
+
+def test_latency_batches_are_drawn_from_the_whole_set_with_a_fixed_seed():
+    from leanserve_serving.bench.evaldata import EvalData
+    from leanserve_serving.bench.measure import SAMPLED_BATCHES, sample_batches
+
+    lengths = np.arange(1, 101)  # row i has i+1 tokens
+    mask = (np.arange(100) < lengths[:, None]).astype(np.int64)
+    data = EvalData({"input_ids": mask * 7, "attention_mask": mask}, None)
+    batches = sample_batches(data, 1)
+    assert len(batches) == SAMPLED_BATCHES
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert len(set(widths)) > 10 and max(widths) - min(widths) > 50, "single rows of many lengths, not the first"
+    assert [b["input_ids"].shape for b in sample_batches(data, 8)] == [
+        b["input_ids"].shape for b in sample_batches(data, 8)
+    ]
+    assert all(b["input_ids"].shape[0] == 200 for b in sample_batches(data, 200))  # more rows than the set

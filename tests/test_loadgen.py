@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -128,3 +129,110 @@ def test_load_test_with_real_hey_reports_what_the_server_answered(
     assert r.errors == pytest.approx(sent[503] / total)
     assert 0 < r.achieved_rps <= 60
     assert 0 < r.p50_ms <= r.p95_ms < 1000
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A loopback HTTP server answering every POST with 200; yields (url, the bodies received, in order)."""
+    received: list[bytes] = []
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with lock:
+                received.append(body)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/m/infer", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def built_loadgen() -> Path:
+    binary = loadgen.poisson_loadgen()
+    if binary is None:
+        pytest.fail("hack/loadgen could not be built: this test needs Go (make test checks for it)", pytrace=False)
+    return binary
+
+
+def run_loadgen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(built_loadgen()), *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_loadgen_sends_line_i_mod_n_of_a_bodies_file_to_request_i(
+    recording_server: tuple[str, list[bytes]], tmp_path: Path
+) -> None:
+    """Distinct lines, more than requests: each request sent its own line, in order (requests in flight at the
+    same moment may reach the server a place or two apart); then three lines, sent over and over."""
+    url, received = recording_server
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(f'{{"i": {i}}}\n' for i in range(1000)) + "\n")  # a blank line is skipped
+    proc = run_loadgen("-url", url, "-bodies", str(many), "-rate", "40", "-duration", "1s")
+    assert proc.returncode == 0, proc.stderr
+    sent = json.loads(proc.stdout)["sent"]
+    order = [json.loads(b)["i"] for b in received]
+    assert sent > 10 and sorted(order) == list(range(sent))
+    assert all(abs(position - i) <= 3 for position, i in enumerate(order)), order
+
+    received.clear()
+    three = tmp_path / "three.jsonl"
+    three.write_text('{"i": 0}\n{"i": 1}\n{"i": 2}')  # no newline after the last line
+    proc = run_loadgen("-url", url, "-bodies", str(three), "-rate", "60", "-duration", "0.5s")
+    assert proc.returncode == 0, proc.stderr
+    sent = json.loads(proc.stdout)["sent"]
+    counts = Counter(json.loads(b)["i"] for b in received)
+    assert counts == Counter(i % 3 for i in range(sent))
+
+
+def test_loadgen_refuses_a_bodies_file_with_a_line_that_is_not_json(tmp_path: Path) -> None:
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_text('{"i": 0}\n{"i": \n')
+    proc = run_loadgen("-url", "http://127.0.0.1:9/", "-bodies", str(bodies), "-duration", "1ms")
+    assert proc.returncode == 2
+    assert f"{bodies}:2: not a JSON document" in proc.stderr
+    body = tmp_path / "body.json"
+    body.write_text("{}")
+    proc = run_loadgen("-url", "http://127.0.0.1:9/", "-body", str(body), "-bodies", str(bodies))
+    assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+def test_load_test_offers_a_bodies_file_through_hack_loadgen(
+    recording_server: tuple[str, list[bytes]], tmp_path: Path
+) -> None:
+    url, received = recording_server
+    built_loadgen()
+    bodies = tmp_path / "bodies.jsonl"
+    bodies.write_text('{"n": "a"}\n{"n": "b"}\n')
+    r = load_test(url, None, rate=40, seconds=0.5, bodies=bodies)
+    assert r.errors == 0 and r.achieved_rps > 0
+    assert Counter(json.loads(b)["n"] for b in received) == Counter("ab"[i % 2] for i in range(len(received)))
+    with pytest.raises(ValueError, match="not both"):
+        load_test(url, bodies, rate=1, seconds=1, bodies=bodies)
+    with pytest.raises(ValueError, match="nor neither"):
+        load_test(url, None, rate=1, seconds=1)
+
+
+def test_a_loadgen_binary_built_from_older_sources_is_never_reused(tmp_path: Path) -> None:
+    """The cached binary is named after its Go sources: one built before ``-bodies`` existed has another name."""
+    source = tmp_path / "loadgen"
+    shutil.copytree(loadgen.LOADGEN_SOURCE, source)
+    before = loadgen.loadgen_binary(source)
+    assert before == loadgen.loadgen_binary(source)
+    assert before.parent == loadgen.LOADGEN_DIR and before.name.startswith("loadgen-")
+    (source / "main_test.go").write_text("package main\n")  # tests are not part of the binary
+    assert loadgen.loadgen_binary(source) == before
+    main = source / "main.go"
+    main.write_text(main.read_text().replace("-bodies", "-requests"))
+    assert loadgen.loadgen_binary(source) != before

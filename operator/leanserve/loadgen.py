@@ -3,16 +3,21 @@
 An adapter (it runs processes), used by ``leanserve demo`` and ``benchmarks/planner_accuracy.py``; they
 decide what to load and at what rate, this module only offers it and reads the answer. Two generators:
 
-- hack/loadgen (Go standard library only), built into ``.cache/loadgen`` on first use when Go is here:
-  Poisson arrivals, what the planner models, with latency from each scheduled arrival (no coordinated
-  omission). It prints one JSON object (:func:`parse_loadgen`).
+- hack/loadgen (Go standard library only), built into ``.cache/loadgen-<hash of its sources>`` on first use
+  when Go is here: Poisson arrivals, what the planner models, with latency from each scheduled arrival (no
+  coordinated omission). It sends one body, or a sequence of bodies (``bodies``, one JSON document per line,
+  request i sending line i mod N, as :mod:`leanserve.campaign` writes them). It prints one JSON object
+  (:func:`parse_loadgen`).
 - hey (``apt-get install hey``) where Go is missing: rate-limited workers, which send in bursts (their
-  tickers run in step), so its percentiles run high. It prints a text report (:func:`parse_hey`).
+  tickers run in step), so its percentiles run high; one body only. It prints a text report
+  (:func:`parse_hey`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,7 +27,9 @@ from pathlib import Path
 from leanserve_serving.local import CPUs, pinned
 
 #: Where hack/loadgen is built (relative to the working directory, like the demo's other outputs).
-LOADGEN = Path(".cache/loadgen")
+LOADGEN_DIR = Path(".cache")
+#: hack/loadgen's sources.
+LOADGEN_SOURCE = Path(__file__).resolve().parents[2] / "hack" / "loadgen"
 
 
 @dataclass(frozen=True)
@@ -40,25 +47,51 @@ class LoadResult:
     """The fraction of requests not answered with 200 (a transport error, such as a refused connection, counts)."""
 
 
+def loadgen_binary(source: Path = LOADGEN_SOURCE) -> Path:
+    """Where hack/loadgen built from ``source`` lives: named after a hash of its Go sources, so a binary built
+    from older sources (one without ``-bodies``, say) is never taken for the current one."""
+    digest = hashlib.sha256()
+    for path in sorted([*source.glob("*.go"), source / "go.mod"]):
+        if path.is_file() and not path.name.endswith("_test.go"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return LOADGEN_DIR / f"loadgen-{digest.hexdigest()[:16]}"
+
+
 def poisson_loadgen() -> Path | None:
     """hack/loadgen (open-loop Poisson arrivals, Go standard library only), built on first use when Go is here."""
-    source = Path(__file__).resolve().parents[2] / "hack" / "loadgen"
-    if not LOADGEN.exists() and shutil.which("go") and source.is_dir():
-        argv = ["go", "build", "-o", str(LOADGEN.resolve()), "."]
-        subprocess.run(argv, cwd=source, check=False, capture_output=True)
-    return LOADGEN if LOADGEN.exists() else None
+    if not LOADGEN_SOURCE.is_dir():
+        return None
+    binary = loadgen_binary()
+    if not binary.exists() and shutil.which("go"):
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")  # concurrent builds never meet
+        argv = ["go", "build", "-o", str(partial.resolve()), "."]
+        if subprocess.run(argv, cwd=LOADGEN_SOURCE, check=False, capture_output=True).returncode == 0:
+            partial.replace(binary)
+        partial.unlink(missing_ok=True)
+    return binary if binary.exists() else None
 
 
-def load_test(url: str, body: Path, rate: float, seconds: float, cpus: CPUs = None) -> LoadResult:
-    """Offer ``rate`` req/s of ``body`` to ``url`` for ``seconds`` (the generator on ``cpus``); report what came back.
+def load_test(
+    url: str, body: Path | None, rate: float, seconds: float, cpus: CPUs = None, *, bodies: Path | None = None
+) -> LoadResult:
+    """Offer ``rate`` req/s to ``url`` for ``seconds`` (the generator on ``cpus``); report what came back.
 
-    hack/loadgen where it can be had, else hey; RuntimeError when neither is here.
+    Every request sends ``body``; or, with ``bodies`` (``body`` None), request i sends line i mod N of that
+    file (one JSON document per line: :func:`leanserve.campaign.write_bodies`), so a campaign's lengths and
+    repeats reach the server as they would. hack/loadgen where it can be had, else hey (``body`` only);
+    RuntimeError when neither is here, ValueError unless exactly one of ``body`` and ``bodies`` is given.
     """
+    if (body is None) == (bodies is None):
+        raise ValueError(f"give body or bodies, not both nor neither (body={body}, bodies={bodies})")
     loadgen = poisson_loadgen()
     if loadgen is not None:
-        argv = [str(loadgen), "-url", url, "-body", str(body), "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
+        payload = ["-body", str(body)] if bodies is None else ["-bodies", str(bodies)]
+        argv = [str(loadgen), "-url", url, *payload, "-rate", f"{rate:.3f}", "-duration", f"{seconds:g}s"]
         out = subprocess.run(argv, capture_output=True, text=True, check=True, **pinned(cpus)).stdout
         return parse_loadgen(out, offered_rps=rate)
+    if body is None:
+        raise RuntimeError(f"a sequence of bodies ({bodies}) needs hack/loadgen, so Go; hey sends one body only")
     exe = shutil.which("hey")
     if exe is None:
         raise RuntimeError("neither Go (for hack/loadgen) nor hey is installed (apt-get install hey)")

@@ -7,6 +7,8 @@ Formats:
   with the same number of rows, and ``labels`` (or ``y``) with one label per row:
   integer class ids for accuracy/top1, target values for mse. For the cosine
   metric labels are optional (the fp32 outputs are the reference).
+  Sequence data (with an ``attention_mask`` input) may be right-padded to the set's longest
+  row, as tokenizers pad: :meth:`EvalData.batch` cuts each batch back to its own longest.
 - ``.jsonl``: one JSON object per line, ``{"text": "...", "label": 1}``, for
   models with a single string (BYTES) input.
 """
@@ -20,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from leanserve_serving.tensors import TensorSpec
+
+#: The input that marks real tokens (1) and padding (0) in sequence data, as transformers name it.
+MASK_INPUT = "attention_mask"
 
 
 class EvalDataError(ValueError):
@@ -37,10 +42,45 @@ class EvalData:
     def rows(self) -> int:
         return len(next(iter(self.inputs.values())))
 
-    def batch(self, start: int, size: int) -> dict[str, np.ndarray]:
-        """Rows ``start .. start+size`` (wrapping around), for latency runs at any batch size."""
-        idx = np.arange(start, start + size) % self.rows
-        return {name: array[idx] for name, array in self.inputs.items()}
+    @property
+    def lengths(self) -> np.ndarray | None:
+        """Tokens per row of sequence data (up to the row's last attended column), None without an
+        ``attention_mask`` [N, seq] input."""
+        mask = self.inputs.get(MASK_INPUT)
+        if mask is None or mask.ndim != 2:
+            return None
+        attended = mask != 0
+        last = mask.shape[1] - np.argmax(attended[:, ::-1], axis=1)
+        return np.where(attended.any(axis=1), last, 0)
+
+    def batch(self, start: int, size: int, trim: bool = True) -> dict[str, np.ndarray]:
+        """Rows ``start .. start+size`` (wrapping around), for latency runs at any batch size.
+
+        Sequence data is cut to the batch's own longest row unless ``trim`` is False: see :meth:`take`.
+        """
+        return self.take(np.arange(start, start + size) % self.rows, trim)
+
+    def take(self, rows: np.ndarray, trim: bool = True) -> dict[str, np.ndarray]:
+        """The given rows, as a batch for the model.
+
+        Where the data has an ``attention_mask`` input of shape [N, seq], every input of that same shape
+        (``input_ids``, ``token_type_ids``...) loses the trailing columns no row of this batch attends to: the
+        model runs each batch padded to its own longest row, as a server that pads a batch does, so latency by
+        batch size follows the evaluation set's length distribution instead of all rows at the set's longest.
+        (A transformer's masked outputs do not depend on that padding.) Other data comes unchanged.
+
+        ``trim=False`` keeps the set's full width, for consumers that stack batches and need one shape:
+        ONNX Runtime's histogram calibrators (Entropy, Percentile) refuse batches of different widths.
+        """
+        batch = {name: array[rows] for name, array in self.inputs.items()}
+        mask = batch.get(MASK_INPUT)
+        if not trim or mask is None or mask.ndim != 2:
+            return batch
+        attended = np.flatnonzero(mask.any(axis=0))
+        width = int(attended[-1]) + 1 if len(attended) else 1
+        if width == mask.shape[1]:
+            return batch
+        return {name: a[:, :width] if a.shape == mask.shape else a for name, a in batch.items()}
 
 
 def load_eval_data(path: Path, specs: list[TensorSpec], metric: str) -> EvalData:

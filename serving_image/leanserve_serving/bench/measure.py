@@ -30,10 +30,26 @@ def session(path: Path, threads: int, gpu: bool) -> tuple[ort.InferenceSession, 
     return sess, time.perf_counter() - start
 
 
+#: Rows per batch when computing outputs over sequence data, in order of length.
+LENGTH_SORTED_BATCH = 32
+
+
 def outputs(sess: ort.InferenceSession, data: EvalData, batch: int = 256) -> np.ndarray:
-    """The first output over all evaluation rows."""
-    parts = [sess.run(None, data.batch(i, min(batch, data.rows - i)))[0] for i in range(0, data.rows, batch)]
-    return np.concatenate(parts, axis=0)
+    """The first output over all evaluation rows, in row order.
+
+    Sequence data (:attr:`EvalData.lengths`) runs in batches of :data:`LENGTH_SORTED_BATCH` rows of similar
+    length, each cut to its longest: quality then costs the set's tokens, not its longest row times every row
+    (a masked model's outputs do not depend on the padding; a dynamically quantized one's depend on it a
+    little, and less with less of it).
+    """
+    lengths = data.lengths
+    order = np.arange(data.rows) if lengths is None else np.argsort(lengths, kind="stable")
+    size = batch if lengths is None else min(batch, LENGTH_SORTED_BATCH)
+    parts = [sess.run(None, data.take(order[i : i + size]))[0] for i in range(0, data.rows, size)]
+    ordered = np.concatenate(parts, axis=0)
+    out = np.empty_like(ordered)
+    out[order] = ordered
+    return out
 
 
 def quality(metric: str, out: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> tuple[float, float]:
@@ -58,10 +74,31 @@ def quality(metric: str, out: np.ndarray, labels: np.ndarray | None, reference: 
     raise ValueError(f"unknown metric {metric!r}")
 
 
+#: Distinct batches each latency point cycles through: as many as the fewest runs a point times, so each runs.
+SAMPLED_BATCHES = 20
+
+
+def sample_batches(
+    data: EvalData, size: int, count: int = SAMPLED_BATCHES, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of ``size`` rows drawn at random (fixed seed) from the whole evaluation set.
+
+    Rows of different lengths make batches of different widths (:meth:`EvalData.take` pads each to its
+    longest), so timing one batch of the first rows would measure whatever lengths those rows happen to
+    have; cycling through batches spread over the set gives the latency of the set's length distribution.
+    """
+    rng = np.random.default_rng(seed)
+    replace = size > data.rows
+    return [data.take(np.sort(rng.choice(data.rows, size, replace=replace))) for _ in range(count)]
+
+
 def latency_curve(
     sess: ort.InferenceSession, data: EvalData, max_batch: int, seconds_per_point: float
 ) -> list[LatencyPoint]:
     """p50/p95/p99 and throughput at batch sizes 1, 2, 4, ... until throughput stops growing.
+
+    Each size cycles through :func:`sample_batches` (random rows, each batch padded to its own longest), so
+    with sequence data the percentiles include the spread of lengths a server sees.
 
     Stops after two doublings that gain less than 5 %, at ``max_batch``, or when a
     batch no longer fits in memory.
@@ -70,13 +107,14 @@ def latency_curve(
     best, flat = 0.0, 0
     batch = 1
     while batch <= max_batch:
-        feed = data.batch(0, batch)
+        feeds = sample_batches(data, batch)
         try:
-            for _ in range(3):  # warm-up
+            for feed in feeds[:3]:  # warm-up
                 sess.run(None, feed)
             times = []
             deadline = time.perf_counter() + seconds_per_point
             while len(times) < 20 or (time.perf_counter() < deadline and len(times) < 5000):
+                feed = feeds[len(times) % len(feeds)]
                 start = time.perf_counter()
                 sess.run(None, feed)
                 times.append(time.perf_counter() - start)
