@@ -13,7 +13,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TERMINATION_MESSAGE_LIMIT = 4096
 
@@ -63,6 +63,60 @@ class StackProfile(_Model):
     """Quantiles (STACK_LEVELS) of the time a request spends outside the replica's batch path."""
 
 
+#: Node names a recipe keeps in the compact form (the full list is in the full profile), and their length.
+COMPACT_RECIPE_NODES = 2
+COMPACT_NODE_NAME_CHARS = 48
+
+
+class QuantRecipe(_Model):
+    """How an INT8 variant was built, and what the accuracy-aware search (bench.quant_search) did.
+
+    Present when the bench ran with an accuracy gate; None in profiles made without one (and in every
+    profile from before the search existed).
+    """
+
+    method: Literal["dynamic", "static"]
+    per_channel: bool
+    reduce_range: bool
+    calibration: Literal["MinMax", "Entropy", "Percentile"] | None = None
+    """Static only: how activation ranges were calibrated."""
+    op_types: list[str] | None = None
+    """Static only: the op types quantized; None: all those ORT's quantizer supports."""
+    nodes_excluded: list[str] = Field(default_factory=list)
+    """Nodes kept in fp32, most sensitive first (unnamed nodes are named ``OpType:first_output``)."""
+    excluded_count: int = 0
+    """How many nodes are kept in fp32: the compact form lists only the first few of them."""
+    outcome: Literal["not_needed", "found", "not_found"]
+    """not_needed: the whole-model recipe kept the gate; found: a searched one does; not_found: none
+    did within the time budget, and the variant is the whole-model one, over the gate."""
+    search_seconds: float = 0.0
+    tried: int = 1
+    """Recipes built and measured, the whole-model one included."""
+    most_sensitive: list[str] = Field(default_factory=list)
+    """The top of the sensitivity ranking, when the search got that far."""
+
+    @model_validator(mode="after")
+    def _count_covers_the_list(self) -> QuantRecipe:
+        if self.excluded_count < len(self.nodes_excluded):
+            raise ValueError(f"excluded_count {self.excluded_count} < {len(self.nodes_excluded)} nodes listed")
+        return self
+
+    def compact(self, names: int | None = COMPACT_RECIPE_NODES) -> dict[str, Any]:
+        """The recipe for the termination message: the excluded nodes cut to ``names`` names (None: every
+        one, whole: what the serving pod needs to rebuild the variant; ``excluded_count`` says how many there
+        are), no sensitivity ranking, fields at their default left out."""
+        doc = self.model_dump(exclude_defaults=True, exclude={"nodes_excluded", "most_sensitive"})
+        if names is None:
+            kept = list(self.nodes_excluded)
+        else:
+            kept = [name[:COMPACT_NODE_NAME_CHARS] for name in self.nodes_excluded[:names]]
+        if kept:
+            doc["nodes_excluded"] = kept
+        if "search_seconds" in doc:
+            doc["search_seconds"] = round(self.search_seconds, 1)
+        return doc
+
+
 class VariantProfile(_Model):
     """One precision variant of the model: how it was built, how good it is, how fast."""
 
@@ -81,6 +135,8 @@ class VariantProfile(_Model):
     gpu_memory_mb: float | None = None
     stack: StackProfile | None = None
     """None when the bench did not run the serving stack (``--stack-seconds 0``, or a profile from before)."""
+    recipe: QuantRecipe | None = None
+    """INT8 variants benched with an accuracy gate: how they were quantized (see QuantRecipe)."""
 
     def best(self) -> LatencyPoint | None:
         """The batch size with the highest throughput."""
@@ -113,19 +169,33 @@ class Profile(_Model):
 
     # ---- compact form ---------------------------------------------------------------------------
     def to_compact(self, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
-        """JSON of at most ``limit`` bytes: numbers rounded, latency curves thinned if they must be.
+        """JSON of at most ``limit`` bytes: numbers rounded, recipes' node lists whole when they fit (else cut
+        to a few names, then to none), latency curves thinned if they must be.
 
-        The first and the best batch size of every variant are always kept.
+        The first and the best batch size of every variant are always kept. A recipe's node list is whole
+        when it fits, as the serving pod rebuilds the variant from it; a list cut short makes the planner
+        leave that variant out (it cannot be served as measured) and says so.
         """
         doc = json.loads(self.model_dump_json())
-        for v in doc["variants"]:
+        for v, full in zip(doc["variants"], self.variants, strict=True):
             v["reason"] = v["reason"][:300]
+            if full.recipe is None:
+                del v["recipe"]  # absent, not null: what a reader from before recipes expects
+            else:
+                v["recipe"] = full.recipe.compact(names=None)
             for point in v["latency"]:
                 for key, value in point.items():
                     if isinstance(value, float):
                         point[key] = float(f"{value:.4g}")
             if v.get("stack"):
                 v["stack"] = {k: [float(f"{x:.3g}") for x in q] for k, q in v["stack"].items()}
+        for names in (COMPACT_RECIPE_NODES, 0):  # whole lists first: the planner serves only a whole recipe
+            text = json.dumps(doc, separators=(",", ":"))
+            if len(text.encode()) <= limit:
+                return text
+            for v, full in zip(doc["variants"], self.variants, strict=True):
+                if full.recipe is not None:
+                    v["recipe"] = full.recipe.compact(names=names)
         keep_every = 1
         while True:
             text = json.dumps(doc, separators=(",", ":"))

@@ -19,6 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="fp32,int8-dynamic,int8-static,fp16", help="comma-separated")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: the CPU limit)")
     add_timing_arguments(p)
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        help="accuracy gate: an INT8 variant over it is replaced by the fastest recipe found within it "
+        "(per-channel, calibration, nodes kept in fp32); default: no search",
+    )
+    p.add_argument(
+        "--quantization-search-seconds",
+        type=float,
+        help="time budget of that search per INT8 variant (default 300)",
+    )
     p.add_argument("--out", type=Path, help="write the full profile (JSON) here")
     compact_help = "write the compact profile (<= 4 KiB) here, e.g. /dev/termination-log"
     p.add_argument("--compact-out", type=Path, help=compact_help)
@@ -65,6 +76,12 @@ def _writable(path: Path) -> str | None:
     return None
 
 
+def _search_budget(args: argparse.Namespace) -> dict[str, float]:
+    """The search budget, where given (BenchOptions holds the default: the flag stays light to register)."""
+    seconds = args.quantization_search_seconds
+    return {} if seconds is None else {"quantization_search_s": seconds}
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table  # the tables need the operator extra; --version and validate do not
 
@@ -84,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
         threads=args.threads,
+        max_accuracy_drop=args.max_accuracy_drop,
+        **_search_budget(args),
         **timing_options(args),
     )
     try:

@@ -8,22 +8,25 @@ batch sizes, here, on this machine.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
-from leanserve_serving.bench import flags, measure
+from leanserve_serving.bench import flags, measure, quant_search
 from leanserve_serving.bench.evaldata import EvalData, EvalDataError, load_eval_data, read_npz
 from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
-from leanserve_serving.bench.stack import measure_stack, v2_body
-from leanserve_serving.bench.variants import build_variants
+from leanserve_serving.bench.stack import measure_stack, v2_bodies, v2_body
+from leanserve_serving.bench.variants import BuiltVariant, build_variants
 from leanserve_serving.cpus import cpu_limit
 from leanserve_serving.fetch import sha256_of
 from leanserve_serving.local import running_on
 from leanserve_serving.model_server import spec_of
-from leanserve_serving.profile import Profile, VariantProfile
+from leanserve_serving.profile import Profile, QuantRecipe, VariantProfile
+from leanserve_serving.tensors import TensorSpec
 
 DEFAULT_VARIANTS = ["fp32", "int8-dynamic", "int8-static", "fp16"]
 
@@ -50,6 +53,16 @@ class BenchOptions:
     """Where the stack run's client goes (see local.split_cpus); None: wherever the OS puts it."""
     gpu: bool | None = None
     """None: use the GPU when ONNX Runtime has the CUDA provider."""
+    max_accuracy_drop: float | None = None
+    """The accuracy gate INT8 variants are searched to keep (bench.quant_search): a whole-model INT8 variant
+    over it is replaced by the fastest recipe found within it. None: whole-model INT8 only, no search."""
+    quantization_search_s: float = quant_search.DEFAULT_BUDGET_S
+    """Time budget of that search, per INT8 variant."""
+    recipes: dict[str, QuantRecipe] = field(default_factory=dict)
+    """INT8 variants to build by a recipe found before (another pod size of the same model), not searched."""
+    pad_inputs: dict[str, float] = field(default_factory=dict)
+    """Ragged batching in the stack run (the sidecar's setting): requests as long as their rows, padded in a
+    batch to its longest. Empty: every request is the evaluation data's first row."""
     # model: an ONNX file, or a TorchScript file (.pt/.pth), exported to ONNX with a dynamic batch axis
 
 
@@ -86,6 +99,22 @@ def _load_fp32(model: Path, threads: int, gpu: bool) -> tuple[ort.InferenceSessi
         raise BenchError(f"{model.name}: not a loadable ONNX model: {exc}") from None
 
 
+@dataclass
+class _Bench:
+    """What every variant is measured with: the options, the evaluation data and fp32's outputs on it."""
+
+    options: BenchOptions
+    model: Path
+    """The ONNX model (a TorchScript model's export)."""
+    data: EvalData
+    reference: np.ndarray
+    specs: list[TensorSpec]
+    threads: int
+    gpu: bool
+    work: Path
+    progress: Progress
+
+
 def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Profile:
     """Build, check and time every variant; return the Profile."""
     with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp, running_on(options.cpus):
@@ -108,51 +137,16 @@ def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
     except Exception as exc:
         raise BenchError(f"the model cannot run on the evaluation data: {exc}") from None
     del fp32_session
-    results = []
+    bench = _Bench(options, model, data, reference, specs, threads, gpu, work, progress)
+    results: list[VariantProfile] = []
     progress("building variants: " + ", ".join(options.variants))
     for built in build_variants(model, data, work, gpu, list(options.variants)):
         if built.status != "ok" or built.path is None:
             results.append(VariantProfile(name=built.name, status=built.status, reason=built.reason))  # type: ignore[arg-type]
             progress(f"{built.name}: {built.status} ({built.reason})")
             continue
-        progress(f"{built.name}: quality on {data.rows} rows")
         try:
-            sess, load_s = measure.session(built.path, threads, gpu)
-            value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, reference)
-            progress(f"{built.name}: latency by batch size")
-            curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
-            rss, gpu_mb = measure.rss_mb(), measure.gpu_memory_mb()
-            del sess
-            stack_profile = None
-            if options.stack_seconds > 0:
-                progress(f"{built.name}: through the serving stack (sidecar + model server)")
-                sizes = [p.batch_size for p in curve]
-                say = lambda m, n=built.name: progress(f"{n}: {m}")  # noqa: E731
-                figures = measure_stack(
-                    built.path,
-                    v2_body(data.inputs, specs),
-                    sizes,
-                    options.stack_seconds,
-                    progress=say,
-                    cpus=options.cpus,
-                    client_cpus=options.client_cpus,
-                )
-                curve = [p.model_copy(update={"stack_ms": figures.batch_ms.get(p.batch_size)}) for p in curve]
-                stack_profile = figures.profile
-            results.append(
-                VariantProfile(
-                    name=built.name,
-                    status="ok",
-                    size_bytes=built.path.stat().st_size,
-                    load_seconds=load_s,  # type: ignore[arg-type]
-                    quality=value,
-                    quality_drop=drop,
-                    latency=curve,
-                    rss_mb=rss,
-                    gpu_memory_mb=gpu_mb,
-                    stack=stack_profile,
-                )
-            )
+            results.append(_profile_variant(bench, built, results))
         except Exception as exc:  # a variant that builds but cannot run is a failed variant
             results.append(VariantProfile(name=built.name, status="failed", reason=f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
     return Profile(
@@ -164,4 +158,98 @@ def _run(options: BenchOptions, work: Path, progress: Progress) -> Profile:
         threads=threads,  # type: ignore[arg-type]
         hardware=measure.hardware(cpu_limit()),
         variants=results,
+    )
+
+
+def _profile_variant(bench: _Bench, built: BuiltVariant, done: list[VariantProfile]) -> VariantProfile:
+    """Quality (after the accuracy-aware search, where the options ask for it), latency, memory, stack."""
+    options, data = bench.options, bench.data
+    assert built.path is not None
+
+    def say(message: str) -> None:
+        bench.progress(f"{built.name}: {message}")
+
+    say(f"quality on {data.rows} rows")
+    start = time.perf_counter()
+    sess, load_s = measure.session(built.path, bench.threads, bench.gpu)
+    outputs = measure.outputs(sess, data)
+    path, recipe = built.path, None
+    value, drop = measure.quality(options.metric, outputs, data.labels, bench.reference)
+    known = options.recipes.get(built.name)
+    if known is not None and known.outcome == "found":
+        from leanserve_serving.bench.recipes import build_planned_variant
+
+        del sess
+        say(f"built by the recipe found before ({known.excluded_count} node(s) in fp32)")
+        path, recipe = build_planned_variant(bench.model, data, built.name, known, bench.work / "recipe"), known
+        sess, load_s = measure.session(path, bench.threads, bench.gpu)
+        value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, bench.reference)
+    elif options.max_accuracy_drop is not None and built.name in quant_search.METHODS:
+        del sess
+        found = quant_search.search_int8(
+            _search_setup(bench, built.name, done, say),
+            built.path,
+            outputs,
+            built.seconds + time.perf_counter() - start,
+        )
+        path, value, drop, recipe = found.path, found.value, found.drop, found.recipe
+        sess, load_s = measure.session(path, bench.threads, bench.gpu)
+    say("latency by batch size")
+    curve = measure.latency_curve(sess, data, options.max_batch, options.seconds_per_point)
+    rss, gpu_mb = measure.rss_mb(), measure.gpu_memory_mb()
+    del sess
+    stack_profile = None
+    if options.stack_seconds > 0:
+        say("through the serving stack (sidecar + model server)")
+        bodies = v2_bodies(data.inputs, bench.specs) if options.pad_inputs else v2_body(data.inputs, bench.specs)
+        figures = measure_stack(
+            path,
+            bodies,
+            [p.batch_size for p in curve],
+            options.stack_seconds,
+            progress=say,
+            cpus=options.cpus,
+            client_cpus=options.client_cpus,
+            pad_inputs=options.pad_inputs or None,
+        )
+        curve = [p.model_copy(update={"stack_ms": figures.batch_ms.get(p.batch_size)}) for p in curve]
+        stack_profile = figures.profile
+    return VariantProfile(
+        name=built.name,  # type: ignore[arg-type]
+        status="ok",
+        size_bytes=path.stat().st_size,
+        load_seconds=load_s,
+        quality=value,
+        quality_drop=drop,
+        latency=curve,
+        rss_mb=rss,
+        gpu_memory_mb=gpu_mb,
+        stack=stack_profile,
+        recipe=recipe,
+    )
+
+
+#: Batch size at which the search times its candidates when fp32's best is not known (fp32 not benched).
+SEARCH_BATCH = 8
+
+
+def _search_setup(bench: _Bench, variant: str, done: list[VariantProfile], say: Progress) -> quant_search.SearchSetup:
+    """The search of ``variant``, timing candidates at fp32's best batch size where fp32 is already measured."""
+    options = bench.options
+    fp32 = next((v.best() for v in done if v.name == "fp32"), None)
+    batch = min(fp32.batch_size if fp32 else SEARCH_BATCH, options.max_batch)
+    assert options.max_accuracy_drop is not None
+    return quant_search.SearchSetup(
+        variant=variant,
+        model=bench.model,
+        data=bench.data,
+        reference=bench.reference,
+        metric=options.metric,
+        gate=options.max_accuracy_drop,
+        budget_s=options.quantization_search_s,
+        work=bench.work,
+        threads=bench.threads,
+        gpu=bench.gpu,
+        batch=batch,
+        progress=say,
     )
