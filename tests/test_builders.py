@@ -335,3 +335,53 @@ def test_ragged_batching_reaches_the_sidecar_as_its_pad_inputs_setting_which_the
     config_file.write_text(json.dumps(settings))
     loaded = load_config(SidecarConfig, environ={"LEANSERVE_CONFIG_FILE": str(config_file)})
     assert loaded.pad_inputs == {"input_ids": 0, "attention_mask": 0}
+
+
+def test_the_profiling_job_searches_int8_within_the_specs_gate_and_benches_with_its_padding():
+    from leanserve.controller.builders import render_profiling_job
+
+    text = spec(
+        sla={"latency": {"targetMs": 100}, "maxAccuracyDrop": 0.005},
+        batching={"mode": "auto", "padInputs": {"input_ids": 0, "attention_mask": 0}},
+        profiling={"quantizationSearchSeconds": 120},
+    )
+    (bench,) = render_profiling_job(OWNER, text, CPU, BuildSettings(), "k" * 40)["spec"]["template"]["spec"][
+        "containers"
+    ]
+    args = bench["command"]
+    assert args[args.index("--max-accuracy-drop") + 1] == "0.005"
+    assert args[args.index("--quantization-search-seconds") + 1] == "120"
+    assert args[args.index("--pad-inputs") + 1] == "input_ids=0,attention_mask=0"
+    (plain,) = render_profiling_job(OWNER, spec(profiling={"quantizationSearchSeconds": 0}), CPU, BuildSettings(), "k")[
+        "spec"
+    ]["template"]["spec"]["containers"]
+    assert "--max-accuracy-drop" not in plain["command"] and "--pad-inputs" not in plain["command"]
+
+
+def test_a_searched_int8_variant_is_built_in_the_pod_by_its_recipe():
+    from leanserve_serving.profile import QuantRecipe
+
+    recipe = QuantRecipe(
+        method="dynamic",
+        per_channel=True,
+        reduce_range=False,
+        nodes_excluded=["MatMul:h1"],
+        excluded_count=1,
+        outcome="found",
+    )
+    found = replace(plan(), recipe=recipe)
+    fetch = next(
+        c
+        for c in render_deployment(OWNER, spec(), found, CPU, BuildSettings())["spec"]["template"]["spec"][
+            "initContainers"
+        ]
+    )
+    sent = QuantRecipe.model_validate_json(fetch["command"][fetch["command"].index("--recipe") + 1])
+    assert sent == recipe
+    plain = next(
+        c
+        for c in render_deployment(OWNER, spec(), plan(), CPU, BuildSettings())["spec"]["template"]["spec"][
+            "initContainers"
+        ]
+    )
+    assert "--recipe" not in plain["command"]

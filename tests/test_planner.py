@@ -298,3 +298,30 @@ def test_a_larger_cache_hit_rate_never_costs_more(hit, more):
     low = plan_deployment(spec(**{"cache.exact.expectedHitRate": hit}), PROFILES, PRICES, FAST)
     high = plan_deployment(spec(**{"cache.exact.expectedHitRate": min(0.99, hit + more)}), PROFILES, PRICES, FAST)
     assert cost(high) <= cost(low) + 1e-12
+
+
+def test_an_int8_variant_whose_recipe_a_compact_profile_cut_short_is_left_out_saying_why():
+    """The serving pod rebuilds a searched INT8 variant from its recipe: with only some of its fp32 nodes
+    listed it would build another model than the one measured, so the planner does not choose it."""
+    from leanserve_serving.profile import QuantRecipe
+
+    cut = QuantRecipe(
+        method="dynamic",
+        per_channel=True,
+        reduce_range=False,
+        nodes_excluded=["MatMul:a"],
+        excluded_count=3,
+        outcome="found",
+    )
+    profile = synthetic_profile("c6i.xlarge", 2.4, 0.8)
+    profile = profile.model_copy(
+        update={
+            "variants": [
+                v.model_copy(update={"recipe": cut}) if v.name == "int8-dynamic" else v for v in profile.variants
+            ]
+        }
+    )
+    result = plan_deployment(spec(candidates=["c6i.xlarge"]), [profile], PRICES, FAST)
+    reasons = {c.variant: c.reason for c in result.candidates if c.variant == "int8-dynamic"}
+    assert reasons["int8-dynamic"].startswith("recipe incomplete")
+    assert result.winner is not None and result.winner.variant != "int8-dynamic"

@@ -26,6 +26,7 @@ FAILED_PREFIX = "bench failed: "
 def run(args: argparse.Namespace) -> str:
     """The compact profile, or raises with a reason a user can act on."""
     from leanserve_serving.bench.run import BenchError, BenchOptions, run_bench
+    from leanserve_serving.config import parse_pad_inputs
 
     with tempfile.TemporaryDirectory(prefix="leanserve-bench-") as tmp:
         work = Path(tmp)
@@ -33,7 +34,14 @@ def run(args: argparse.Namespace) -> str:
         evaluation = fetch_evaluation(args.evaluation, work)
         try:
             options = BenchOptions(
-                model, evaluation, instance_type=args.instance_type, metric=args.metric, **timing_options(args)
+                model,
+                evaluation,
+                instance_type=args.instance_type,
+                metric=args.metric,
+                max_accuracy_drop=args.max_accuracy_drop,
+                quantization_search_s=args.quantization_search_seconds,
+                pad_inputs=parse_pad_inputs(args.pad_inputs) if args.pad_inputs else {},
+                **timing_options(args),
             )
             profile = run_bench(options, progress=lambda m: print(m, flush=True))
         except BenchError as exc:
@@ -50,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sha256", default=None)
     parser.add_argument("--format", dest="model_format", default="onnx", choices=["onnx", "pytorch"])
     add_timing_arguments(parser)
+    parser.add_argument(
+        "--max-accuracy-drop", type=float, default=None, help="the accuracy gate INT8 variants are searched to keep"
+    )
+    parser.add_argument("--quantization-search-seconds", type=float, default=300.0)
+    parser.add_argument("--pad-inputs", default="", help="ragged batching in the stack run: input_ids=0,...")
     parser.add_argument("--termination-log", type=Path, default=Path("/dev/termination-log"))
     args = parser.parse_args(argv)
     try:

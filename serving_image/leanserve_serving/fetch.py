@@ -106,16 +106,27 @@ def prepare(
     model_format: str = "onnx",
     evaluation: str | None = None,
     gpu: bool = False,
+    recipe: str | None = None,
 ) -> Path:
-    """Fetch, verify and convert the model; write the variant to ``out``. Returns ``out``."""
+    """Fetch, verify and convert the model; write the variant to ``out``. Returns ``out``.
+
+    ``recipe`` (a QuantRecipe as JSON, from the profile the plan chose) builds an INT8 variant the way the
+    accuracy-aware search found it keeps the gate, rather than the plain one."""
     from leanserve_serving.bench.evaldata import EvalDataError, load_eval_data, read_npz
-    from leanserve_serving.bench.variants import build_variants
+    from leanserve_serving.bench.recipes import RecipeError, build_planned_variant
+    from leanserve_serving.profile import QuantRecipe
+
+    try:
+        quant_recipe = QuantRecipe.model_validate_json(recipe) if recipe else None
+    except ValueError as exc:
+        raise FetchError(f"--recipe: not a quantization recipe: {exc}") from None
+    static = variant == "int8-static"
 
     with tempfile.TemporaryDirectory(prefix="leanserve-fetch-", dir=out.parent) as tmp:
         work = Path(tmp)
         model = fetch_model(uri, work, model_format, sha256)
         data = None
-        if evaluation is not None and (model_format == "pytorch" or variant == "int8-static"):
+        if evaluation is not None and (model_format == "pytorch" or static):
             data_path = fetch_evaluation(evaluation, work)
         if model_format == "pytorch":
             from leanserve_serving.bench.pytorch import PyTorchModelError, export_to_onnx
@@ -126,7 +137,7 @@ def prepare(
                 model = export_to_onnx(model, read_npz(data_path).inputs, work / "exported.onnx")
             except (PyTorchModelError, EvalDataError) as exc:
                 raise FetchError(str(exc)) from None
-        if variant == "int8-static":
+        if static:
             if evaluation is None:
                 raise FetchError("int8-static needs model.evaluation to calibrate on")
             import onnxruntime as ort
@@ -139,10 +150,11 @@ def prepare(
             except EvalDataError as exc:
                 raise FetchError(f"{evaluation}: {exc}") from None
             del session
-        (built,) = build_variants(model, data, work, gpu, [variant])  # type: ignore[arg-type]
-        if built.status != "ok" or built.path is None:
-            raise FetchError(f"variant {variant}: {built.status}: {built.reason}")
-        shutil.move(str(built.path), out)
+        try:
+            built = build_planned_variant(model, data, variant, quant_recipe, work / "variant", gpu)
+        except RecipeError as exc:
+            raise FetchError(str(exc)) from None
+        shutil.move(str(built), out)
     return out
 
 
@@ -155,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", dest="model_format", default="onnx", choices=["onnx", "pytorch"])
     parser.add_argument("--evaluation", default=None)
     parser.add_argument("--gpu", action="store_true", help="build for the CUDA provider (fp16)")
+    parser.add_argument("--recipe", default=None, help="the INT8 recipe of the planned variant's profile (JSON)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        prepare(args.uri, args.out, args.variant, args.sha256, args.model_format, args.evaluation, args.gpu)
+        prepare(
+            args.uri, args.out, args.variant, args.sha256, args.model_format, args.evaluation, args.gpu, args.recipe
+        )
     except FetchError as exc:
         message = f"fetch failed: {exc}"
         print(message, file=sys.stderr)

@@ -330,6 +330,10 @@ class ProfilingSpec(ApiModel):
     a short one (30) suits a cluster known to have no GPU pool."""
     retries: int = Field(default=2, ge=0, le=10)
     """Retries of a failed bench (the Job's backoffLimit; Kubernetes backs off exponentially)."""
+    quantization_search_seconds: int = Field(default=300, ge=0, le=7200)
+    """How long the bench may search, per INT8 variant, for a recipe that keeps sla.maxAccuracyDrop when the
+    whole-model INT8 variant breaks it (nodes kept in fp32, quantizer settings); 0: no search. Counted
+    inside deadlineSeconds."""
     deadline_seconds: int = Field(default=1800, ge=10, le=86_400)
     """Longest a profiling Job may take, from its start to its end (waiting for a node, pulling the image
     and every retry included): the Job's activeDeadlineSeconds. A bench that hangs is then stopped by

@@ -362,6 +362,9 @@ def render_deployment(
         fetch_args += ["--evaluation", spec.model.evaluation.uri]
     if gpu:
         fetch_args.append("--gpu")
+    if plan.recipe is not None and plan.recipe.outcome == "found":
+        # Built as the accuracy-aware search found it holds the gate, not as the plain INT8 variant.
+        fetch_args += ["--recipe", plan.recipe.model_dump_json(exclude_defaults=True)]
     volumes: list[dict[str, Any]] = [
         {"name": "models", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
@@ -667,6 +670,11 @@ def render_profiling_job(
     ]
     if spec.model.sha256:
         args += ["--sha256", spec.model.sha256]
+    if spec.profiling.quantization_search_seconds > 0:
+        args += ["--max-accuracy-drop", f"{spec.sla.max_accuracy_drop:g}"]
+        args += ["--quantization-search-seconds", str(spec.profiling.quantization_search_seconds)]
+    if spec.batching.pad_inputs:
+        args += ["--pad-inputs", ",".join(f"{k}={v:g}" for k, v in spec.batching.pad_inputs.items())]
     sources, source_mounts = _source_volumes(spec)
     meta = _metadata(owner, profiling_job_name(owner, itype.name), "profiling")
     meta["labels"].update({"leanserve.dev/model-key": model_key, "leanserve.dev/instance-type": itype.name})

@@ -19,7 +19,7 @@ from leanserve.planner.allocation import Resources
 from leanserve.planner.latency import Policy, ServiceCurve, max_rate, simulate
 from leanserve.planner.prices import InstanceType, PriceTable
 from leanserve.planner.unavailable import Unavailable
-from leanserve_serving.profile import Profile, VariantProfile
+from leanserve_serving.profile import Profile, QuantRecipe, VariantProfile
 
 HOURS_PER_MONTH = 730.0
 
@@ -84,6 +84,8 @@ class Candidate:
     """The autoscaler's ceiling: maxReplicas, else the peak sizing plus a quarter; within the monthly budget."""
     memory_mb: float | None = None
     """The variant's resident memory as the bench measured it (what the model server's memory is sized by)."""
+    recipe: QuantRecipe | None = field(default=None, repr=False, compare=False)
+    """How the INT8 variant was built (the accuracy-aware search's recipe), for whoever builds it to serve."""
     curve: ServiceCurve | None = field(default=None, repr=False, compare=False)
     """The service times the candidate was simulated with (for charts of latency against load)."""
 
@@ -255,6 +257,12 @@ def plan_deployment(
                     gate = f"accuracy gate: drop {v.quality_drop:.4f} > {spec.sla.max_accuracy_drop:g}"
                     rejected.append(replace(base, reason=gate))
                     continue
+                if v.recipe is not None and v.recipe.excluded_count != len(v.recipe.nodes_excluded):
+                    partial = (
+                        "recipe incomplete: the profile lists only some of the nodes its INT8 variant keeps in fp32"
+                    )
+                    rejected.append(replace(base, reason=partial))
+                    continue
                 curve = service_curve(v)
                 for policy in _policies(spec, max(curve.batch_sizes)):
                     pending.append((replace(base, policy=policy, curve=curve), curve))
@@ -300,6 +308,7 @@ def _sized(
         variant=variant.name,
         quality_drop=variant.quality_drop or 0.0,
         memory_mb=variant.rss_mb,
+        recipe=variant.recipe,
         pod=pod,
         replicas_per_node=per_node,
         price_per_hour=allocation.replica_price(pod, itype) if per_node else itype.on_demand_usd_per_hour,
