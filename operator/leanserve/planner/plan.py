@@ -465,8 +465,11 @@ def savings_waterfall(
 
     Baseline: what a team runs before optimizing: the default CPU type (the first CPU type considered),
     fp32, no batching, no cache, one replica per node (the largest pod measured on that type, paying the
-    whole node), always on and sized for peak. Each lever then picks its best option given the ones
-    before it; right-sizing is the pod size and the instance type, priced by the pod's share of its node.
+    whole node), always on and sized for peak. Then the plan's own choices, one lever at a time, so that
+    the steps add up to the plan: its precision, its batching (both on the baseline's node), the cache,
+    hourly autoscaling, and last right-sizing (the plan's pod size and instance type, priced by the pod's
+    share of its node), whose value shows once replicas follow the traffic hour by hour. A lever the
+    plan's choice makes dearer at its step (a smaller pod sized always-on for peak) shows as a rise.
     """
     avg = spec.traffic.average_rps
     usable = [c for c in evaluated if c.capacity_rps > 0]
@@ -483,22 +486,23 @@ def savings_waterfall(
     cpu = [c for c in usable if not c.is_gpu]
     base_type = (cpu or usable)[0].instance_type
     on_type = [c for c in usable if c.instance_type == base_type]
-    largest = max(c.pod_vcpus or 0 for c in on_type)
-    on_base = [c for c in on_type if (c.pod_vcpus or 0) == largest]
+    largest = max(c.pod.millicpu if c.pod else 0 for c in on_type)
+    on_base = [c for c in on_type if (c.pod.millicpu if c.pod else 0) == largest]
     unbatched = [c for c in on_base if c.policy.max_batch == 1]
     baseline = next((c for c in unbatched if c.variant == "fp32"), None) or min(unbatched or on_base, key=naive)
     node = f"{base_type}, one replica per node"
     steps = [SavingsStep("baseline", naive(baseline), f"{node}, fp32, no batching, no cache, always on for peak")]
-    quant = min(unbatched or [baseline], key=naive)
+    quant = next((c for c in unbatched if c.variant == winner.variant), None) or min(unbatched or [baseline], key=naive)
     steps.append(SavingsStep("quantization", naive(quant), f"{quant.variant}, {node}"))
-    batched = min([c for c in on_base if c.variant == quant.variant] or [quant], key=naive)
+    same_variant = [c for c in on_base if c.variant == quant.variant] or [quant]
+    batched = next((c for c in same_variant if c.policy == winner.policy), None) or min(same_variant, key=naive)
     steps.append(SavingsStep("batching", naive(batched), f"{batched.label()}, one replica per node"))
-    fitting = [c for c in usable if c.replicas_per_node > 0] or [batched]
-    sized = min(fitting, key=lambda c: cost(c, False, False, False))
-    steps.append(SavingsStep("right-sizing", cost(sized, False, False, False), _sizing(sized)))
-    cached = cost(sized, True, False, False)
-    steps.append(SavingsStep("caching", cached, f"{hit:.0%} of requests answered from the cache"))
-    steps.append(SavingsStep("autoscaling", cost(sized, True, True, False), f"hourly replicas, warm pool {warm}"))
+    steps.append(
+        SavingsStep("caching", cost(batched, True, False, True), f"{hit:.0%} of requests answered from the cache")
+    )
+    hourly = cost(batched, True, True, True)
+    steps.append(SavingsStep("autoscaling", hourly, f"hourly replicas, warm pool {warm}, one replica per node"))
+    steps.append(SavingsStep("right-sizing", winner.cost_per_million, _sizing(winner)))
     steps.append(SavingsStep("plan", winner.cost_per_million, winner.label()))
     return steps
 
