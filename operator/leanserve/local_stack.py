@@ -11,6 +11,10 @@ serving tests' harness (tests/serving_harness.py).
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +54,34 @@ def serving_stack(
         pad_inputs=pad_inputs,
     ) as url:
         yield url
+
+
+@contextlib.contextmanager
+def local_redis(cpus: local.CPUs = None, start_timeout_s: float = 10.0) -> Iterator[str | None]:
+    """A redis-server of its own on a free loopback port, memory only; yields its URL, or None when Debian's
+    ``redis-server`` is not installed or does not start (the caller goes on without a cache and says so)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **local.pinned(cpus))  # type: ignore[call-overload]
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        else:
+            yield None
+            return
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
