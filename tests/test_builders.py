@@ -87,13 +87,13 @@ def test_every_object_is_owned_labelled_and_in_the_namespace():
 
 
 def test_the_serving_pod_requests_the_pod_size_the_plan_chose():
-    """A 1-vCPU replica (its profile measured at 1 vCPU): the sidecar a quarter, the model server the rest,
+    """A 1-vCPU replica (its profile measured at 1 vCPU): the sidecar half a core, the model server the rest,
     the memory both containers' part of the planned pod; limits equal requests."""
     sized = replace(plan(), pod=Resources(1000, 1536), replicas_per_node=7)
     by_name = containers(render_deployment(OWNER, spec(), sized, CPU, BuildSettings()))
     model, sidecar = by_name["model-server"]["resources"], by_name["sidecar"]["resources"]
-    assert model["requests"] == model["limits"] == {"cpu": "750m", "memory": "1024Mi"}
-    assert sidecar["requests"] == sidecar["limits"] == {"cpu": "250m", "memory": "512Mi"}
+    assert model["requests"] == model["limits"] == {"cpu": "500m", "memory": "1024Mi"}
+    assert sidecar["requests"] == sidecar["limits"] == {"cpu": "500m", "memory": "512Mi"}
 
 
 def test_the_serving_pod_is_restricted_probed_scraped_and_pinned_to_the_planned_type():
