@@ -43,7 +43,7 @@ from onnx import TensorProto, helper
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from leanserve_serving.local import free_port, pinned  # noqa: E402
+from leanserve_serving.local import free_port, pinned, stop_processes  # noqa: E402
 from leanserve_serving.proto import grpc_predict_v2_pb2 as pb  # noqa: E402
 from leanserve_serving.proto import grpc_predict_v2_pb2_grpc as pb_grpc  # noqa: E402
 from tests.onnx_models import make_mlp  # noqa: E402
@@ -96,12 +96,7 @@ def started(argv: list[str], env: dict[str, str], port: int, cpus: frozenset[int
         wait_ready(url + "/v2/health/ready", proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc])
 
 
 @contextlib.contextmanager

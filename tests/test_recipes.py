@@ -73,3 +73,26 @@ def test_the_init_container_builds_the_recipe_it_is_given(tabular, tmp_path):
     assert [n.name for n in onnx.load(str(out)).graph.node if n.op_type == "MatMul"] == matmuls[1:]
     with pytest.raises(FetchError, match="not a quantization recipe"):
         prepare(tabular.model.as_uri(), tmp_path / "other.onnx", "int8-dynamic", recipe='{"method": "magic"}')
+
+
+def test_the_bench_builds_a_variant_by_a_recipe_found_before_and_measures_that_model(tabular):
+    """Another pod size of the same model: no search, the recipe's model is what gets measured."""
+    from leanserve_serving.bench.run import BenchOptions, run_bench
+
+    matmuls = matmul_names(onnx.load(str(tabular.model)))
+    recipe = found(matmuls[:1])
+    options = BenchOptions(
+        tabular.model,
+        tabular.evaluation,
+        variants=("int8-dynamic",),
+        max_accuracy_drop=0.5,
+        recipes={"int8-dynamic": recipe},
+        seconds_per_point=0.02,
+        max_batch=4,
+        stack_seconds=0.0,
+    )
+    said: list[str] = []
+    (variant,) = run_bench(options, progress=said.append).variants
+    assert variant.status == "ok" and variant.recipe == recipe
+    assert any("built by the recipe found before (1 node(s) in fp32)" in line for line in said), said
+    assert not any("searching" in line for line in said), said

@@ -20,7 +20,6 @@ from :mod:`leanserve.loadgen`, the serving processes from :mod:`leanserve.local_
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 import urllib.request
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from leanserve.local_stack import local_redis, serving_stack
 from leanserve.observer import Observation, ObserverUnavailable, observe_deployment
 from leanserve.observer.local import PrometheusNotStarted, ScrapeTarget, find_prometheus, local_prometheus
 from leanserve.observer.queries import MIN_WINDOW_S
+from leanserve.planner.charts import waterfall_bars
 from leanserve.planner.latency import simulate
 from leanserve.planner.plan import PlanOptions, PlanResult, SavingsStep, plan_deployment, service_curve
 from leanserve.planner.prices import load_prices
@@ -244,36 +244,26 @@ SEARCH_SECONDS = 150.0
 
 
 def lever_shares(steps: list[SavingsStep]) -> dict[str, float]:
-    """Each lever's saving as a fraction of the baseline's cost (the plan's own step left out): what the
-    waterfall's bars say in %; a lever that added cost is negative."""
-    if len(steps) < 2 or steps[0].cost_per_million <= 0:
-        return {}
-    base = steps[0].cost_per_million
-    shares = {}
-    for before, after in itertools.pairwise(steps[:-1]):
-        shares[after.lever] = round((before.cost_per_million - after.cost_per_million) / base, 4)
-    return shares
+    """Each lever's saving as a fraction of the baseline's cost: what the waterfall's bars say in %; a lever
+    that added cost is negative."""
+    bars = waterfall_bars(steps)
+    return {b.lever: round(b.saving_pct / 100, 4) for b in bars if b.kind == "lever"}
 
 
-def waterfall_lines(steps: list[SavingsStep]) -> list[str]:
-    """The waterfall as text: each lever's cost after it, its saving in $ and % of the baseline, a bar."""
-    base = steps[0].cost_per_million
-    width = 40
+def waterfall_lines(steps: list[SavingsStep], width: int = 40) -> list[str]:
+    """The waterfall as text: each bar's cost, its saving in $ and % of the baseline, and a bar of ``#``."""
+    bars = waterfall_bars(steps)
+    base = bars[0].cost if bars else 0.0
     lines = []
-    previous = base
-    for step in steps:
-        cost = step.cost_per_million
-        saving = previous - cost if step.lever not in ("baseline",) else 0.0
-        if step.lever == "plan":
-            saving = base - cost
-            label = f"{base / cost:.1f}x cheaper" if cost > 0 else "-"
-        elif step.lever == "baseline":
+    for bar in bars:
+        if bar.kind == "plan":
+            label = f"{base / bar.cost:.1f}x cheaper" if bar.cost > 0 else "-"
+        elif bar.kind == "baseline":
             label = ""
         else:
-            label = f"{-saving:+.4f} $ ({-saving / base:+.0%})"
-        bar = "#" * max(1, round(cost / base * width)) if base > 0 else ""
-        lines.append(f"    {step.lever:13} ${cost:8.4f}/1M {label:>22}  {bar}")
-        previous = cost if step.lever != "plan" else previous
+            label = f"{-bar.saving:+.4f} $ ({-bar.saving_pct / 100:+.0%})"
+        hashes = "#" * max(1, round(bar.cost / base * width)) if base > 0 else ""
+        lines.append(f"    {bar.lever:13} ${bar.cost:8.4f}/1M {label:>22}  {hashes}")
     return lines
 
 
@@ -369,9 +359,9 @@ def run_demo(work: Path, say: Say, load_seconds: float = 20.0) -> dict[str, Any]
         say(f"    {step.lever:13} {step.description}")
 
     say("5/6 starting the planned replica: model server + batching sidecar (ragged batching) + exact cache")
-    planned = next(p for p in profiles if (v := p.variant(w.variant)) is not None and service_curve(v) == w.curve)
-    variant = planned.variant(w.variant)
-    assert variant is not None
+    planned, variant = next(
+        (p, v) for p in profiles if (v := p.variant(w.variant)) is not None and service_curve(v) == w.curve
+    )
     # The replica runs on the CPUs its profile was measured on: the pod's, or the whole machine's.
     replica_cpus = server_cpus if planned.threads == pod_vcpus else None
     served_model = build_planned_variant(
@@ -380,8 +370,7 @@ def run_demo(work: Path, say: Say, load_seconds: float = 20.0) -> dict[str, Any]
     # The rate one replica's model carries at the daily peak under this plan (after cache hits), and what
     # clients send for it: the campaign's requests, 18 % of them repeats the cache answers.
     model_rate = max(result.hourly_rps) * (1 - result.hit_rate) / w.replicas_peak
-    curve = service_curve(variant)
-    predicted_p95 = float(simulate([curve], [w.policy], np.array([model_rate]), 95, options.overhead_ms)[0][0])
+    predicted_p95 = float(simulate([w.curve], [w.policy], np.array([model_rate]), 95, options.overhead_ms)[0][0])
     with local_redis(cpus=replica_cpus) as redis_url:
         rate = model_rate / (1 - result.hit_rate) if redis_url else model_rate
         if redis_url:

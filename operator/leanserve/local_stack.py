@@ -79,9 +79,4 @@ def local_redis(cpus: local.CPUs = None, start_timeout_s: float = 10.0) -> Itera
             return
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        local.stop_processes([proc])

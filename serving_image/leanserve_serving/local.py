@@ -100,7 +100,8 @@ def _start(argv: list[str], env: dict[str, str], quiet: bool, cpus: CPUs) -> sub
     return subprocess.Popen(argv, env=env, **output, **pinned(cpus))  # type: ignore[call-overload]
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each, then wait up to 10 s each before SIGKILL: a process that ignores the signal never hangs us."""
     for p in procs:
         p.terminate()
     for p in procs:
@@ -224,7 +225,7 @@ def model_server(
         yield server
     finally:
         server.stop_supervising()
-        _stop([server.proc])
+        stop_processes([server.proc])
         if server.supervisor is not None:
             server.supervisor.join()
 
@@ -251,7 +252,7 @@ def sidecar(
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
         yield proc, port
     finally:
-        _stop([proc])
+        stop_processes([proc])
 
 
 @contextlib.contextmanager

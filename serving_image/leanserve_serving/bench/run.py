@@ -169,22 +169,19 @@ def _profile_variant(bench: _Bench, built: BuiltVariant, done: list[VariantProfi
     def say(message: str) -> None:
         bench.progress(f"{built.name}: {message}")
 
-    say(f"quality on {data.rows} rows")
-    start = time.perf_counter()
-    sess, load_s = measure.session(built.path, bench.threads, bench.gpu)
-    outputs = measure.outputs(sess, data)
     path, recipe = built.path, None
-    value, drop = measure.quality(options.metric, outputs, data.labels, bench.reference)
     known = options.recipes.get(built.name)
     if known is not None and known.outcome == "found":
         from leanserve_serving.bench.recipes import build_planned_variant
 
-        del sess
         say(f"built by the recipe found before ({known.excluded_count} node(s) in fp32)")
         path, recipe = build_planned_variant(bench.model, data, built.name, known, bench.work / "recipe"), known
-        sess, load_s = measure.session(path, bench.threads, bench.gpu)
-        value, drop = measure.quality(options.metric, measure.outputs(sess, data), data.labels, bench.reference)
-    elif options.max_accuracy_drop is not None and built.name in quant_search.METHODS:
+    say(f"quality on {data.rows} rows")
+    start = time.perf_counter()
+    sess, load_s = measure.session(path, bench.threads, bench.gpu)
+    outputs = measure.outputs(sess, data)
+    value, drop = measure.quality(options.metric, outputs, data.labels, bench.reference)
+    if recipe is None and options.max_accuracy_drop is not None and built.name in quant_search.METHODS:
         del sess
         found = quant_search.search_int8(
             _search_setup(bench, built.name, done, say),
