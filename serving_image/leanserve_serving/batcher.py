@@ -43,16 +43,19 @@ the sidecar chooses the HTTP status of each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 
 from leanserve_serving.tensors import InferRequest, Tensor, TensorSpec
+
+T = TypeVar("T")
 
 #: Runs one merged request upstream; returns the merged outputs.
 RunBatch = Callable[[str, InferRequest], Awaitable[list[Tensor]]]
@@ -323,8 +326,22 @@ class _Pending:
 @dataclass
 class _Group:
     items: list[_Pending] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    rows: int = 0
+    """The rows of ``items`` (kept as they join and leave: the collector is not woken to count them)."""
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when ``rows`` reaches the batch size: the collector sleeps until then or its oldest's deadline."""
     task: asyncio.Task[None] | None = None
+
+    def add(self, pending: _Pending, max_batch_size: int) -> None:
+        self.items.append(pending)
+        self.rows += pending.rows
+        if self.rows >= max_batch_size:
+            self.full.set()
+
+    def pop(self) -> _Pending:
+        item = self.items.pop(0)
+        self.rows -= item.rows
+        return item
 
 
 @dataclass
@@ -431,35 +448,84 @@ class DynamicBatcher:
             if group is None:
                 group = self.groups[key] = _Group()
                 group.task = asyncio.create_task(self._collect(model, key, group))
-            group.items.append(pending)
+            group.add(pending, self.max_batch_size)
             self.queued += 1
             self.stats.on_queue_depth(model, self.queued)
-            group.changed.set()
+        # The caller waits on its future itself, with a timer that fails it at the deadline (wait_for and shield
+        # would wrap it in two more futures and a task step per request). A caller that goes away cancels the
+        # future with it; either way the future is done, and its batch skips it.
+        timer = loop.call_later(timeout_s, _expire, pending.future, timeout_s)
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future), timeout_s)
+            return await pending.future
+        finally:
+            timer.cancel()
+
+    async def run_alone(
+        self, model: str, call: Callable[[], Awaitable[T]], timeout_s: float, place: Place | None = None
+    ) -> T:
+        """Run one request's own upstream ``call``, merged with nothing (the sidecar's pass-through when batching
+        is off), within the batcher's bounds all the same: it queues in ``place`` (:meth:`admit`'s) for one of
+        the ``concurrency`` upstream slots; a caller that goes away or whose ``timeout_s`` passes while it
+        queues is never sent; its time feeds :meth:`service_estimate`, so admission refuses what would wait
+        too long, as for batched requests. Counted as a batch of one.
+
+        Once sent, the call keeps its slot until the upstream answers, even when its caller has gone or timed
+        out (:class:`AnswerTimeoutError`): the slot stands for work the upstream is doing, so the upstream is
+        never handed more than ``concurrency`` calls at once, as with batches."""
+        (place or self.admit()).release()
+        deadline = time.monotonic() + timeout_s
+        self.queued += 1
+        self.stats.on_queue_depth(model, self.queued)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.slots.acquire()
         except TimeoutError:
-            if not pending.future.done():
-                pending.future.cancel()  # skipped when its batch is formed
             raise AnswerTimeoutError(timeout_s) from None
-        except asyncio.CancelledError:  # the caller has gone: its request is not sent upstream
-            if not pending.future.done():
-                pending.future.cancel()
-            raise
+        finally:
+            self.queued -= 1
+            self.stats.on_queue_depth(model, self.queued)
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[T] = loop.create_future()
+        task = loop.create_task(self._alone(model, call, answer))  # gives the slot back when the upstream answers
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, answer, timeout_s)
+        try:
+            return await answer  # a caller cancelled here cancels ``answer`` only: the call goes on
+        finally:
+            timer.cancel()
+
+    async def _alone(self, model: str, call: Callable[[], Awaitable[T]], answer: asyncio.Future[T]) -> None:
+        """One passed-through call in the slot :meth:`run_alone` took; its answer to the caller, if still waiting."""
+        self.stats.on_batch(model, 1)
+        token = object()
+        start = self._running[token] = time.monotonic()
+        try:
+            result = await call()
+        except Exception as exc:
+            if not answer.done():
+                answer.set_exception(exc)
+        else:
+            self._served(time.monotonic() - start)
+            if not answer.done():
+                answer.set_result(result)
+        finally:
+            del self._running[token]
+            self.slots.release()
+
+    def _served(self, elapsed: float) -> None:
+        """One upstream call's time into the recent service time (moving average)."""
+        self.service_s = elapsed if self.service_s == 0 else 0.8 * self.service_s + 0.2 * elapsed
 
     async def _collect(self, model: str, key: tuple[Any, ...], group: _Group) -> None:
         """Form batches for one signature until its queue is empty, then retire."""
         try:
             while group.items:
-                deadline = group.items[0].enqueued + self.max_wait_s
-                while sum(p.rows for p in group.items) < self.max_batch_size:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    group.changed.clear()
-                    try:
-                        await asyncio.wait_for(group.changed.wait(), remaining)
-                    except TimeoutError:
-                        break
+                remaining = group.items[0].enqueued + self.max_wait_s - time.monotonic()
+                if group.rows < self.max_batch_size and remaining > 0:  # wait for a full batch or the deadline
+                    group.full.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(group.full.wait(), remaining)
                 await self.slots.acquire()  # requests keep joining while every slot is busy
                 batch, size, padded = [], 0, PaddedSize()
                 while (
@@ -467,14 +533,14 @@ class DynamicBatcher:
                     and size + group.items[0].rows <= self.max_batch_size
                     and padded.admits(group.items[0].rows, group.items[0].length)
                 ):
-                    item = group.items.pop(0)
+                    item = group.pop()
                     self.queued -= 1
                     if _still_wanted(item, time.monotonic()):  # callers gone or past their deadline are skipped
                         batch.append(item)
                         size += item.rows
                         padded.add(item.rows, item.length)
                 if not batch and group.items:  # a single request larger than what is left: send it alone
-                    batch = [group.items.pop(0)]
+                    batch = [group.pop()]
                     self.queued -= 1
                 self.stats.on_queue_depth(model, self.queued)
                 if batch:
@@ -484,7 +550,7 @@ class DynamicBatcher:
         finally:
             self.groups.pop(key, None)
             if group.items:  # raced with a late submit: hand them to a fresh collector
-                fresh = self.groups[key] = _Group(items=group.items)
+                fresh = self.groups[key] = _Group(items=group.items, rows=group.rows)
                 fresh.task = asyncio.create_task(self._collect(model, key, fresh))
 
     def _launch(self, model: str, batch: list[_Pending], slot_held: bool = False) -> None:
@@ -542,11 +608,17 @@ class DynamicBatcher:
             outputs = await self.run_batch(model, merge([p.request for p in batch], self.pad_inputs))
         finally:
             del self._running[token]
-        elapsed = time.monotonic() - start
-        self.service_s = elapsed if self.service_s == 0 else 0.8 * self.service_s + 0.2 * elapsed
+        self._served(time.monotonic() - start)
         if not self.pad_inputs:
             return split(outputs, sizes)
         return split(outputs, sizes, lengths, sequence_outputs_of(self.declared_outputs(model)))
+
+
+def _expire(future: asyncio.Future[Any], timeout_s: float) -> None:
+    """A request's timer: no answer within ``timeout_s``, so :class:`AnswerTimeoutError` (its batch, not formed
+    yet, skips it; one in flight answers nobody)."""
+    if not future.done():
+        future.set_exception(AnswerTimeoutError(timeout_s))
 
 
 def _still_wanted(pending: _Pending, now: float) -> bool:
