@@ -35,7 +35,8 @@ def models(workdir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def stack(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, dict[str, Process]]]:
-    """Per model its model server and a batching sidecar (exact cache on Redis) in front of it."""
+    """Per model its model server, a batching sidecar (exact cache on Redis) in front of it, and a sidecar that
+    passes requests through (batching off, no cache)."""
     redis = start_redis(workdir)
     servers = {name: model_server(path, name, workdir).start() for name, path in models.items()}
     cars = {
@@ -44,8 +45,13 @@ def stack(models: dict[str, Path], workdir: Path) -> Iterator[dict[str, dict[str
         ).start("/v2/health/ready")
         for name, server in servers.items()
     }
-    yield {"model_server": servers, "sidecar": cars}
-    for proc in [*cars.values(), *servers.values(), redis]:
+    # batching off and no cache: the sidecar passes requests through as they came (sidecar.passes_through)
+    relays = {
+        name: sidecar(server.url, workdir, max_batch_size=1).start("/v2/health/ready")
+        for name, server in servers.items()
+    }
+    yield {"model_server": servers, "sidecar": cars, "pass_through": relays}
+    for proc in [*cars.values(), *relays.values(), *servers.values(), redis]:
         proc.stop()
 
 
@@ -54,7 +60,7 @@ def sessions(models: dict[str, Path]) -> dict[str, ort.InferenceSession]:
     return {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in models.items()}
 
 
-TARGETS = ["model_server", "sidecar"]
+TARGETS = ["model_server", "sidecar", "pass_through"]
 
 
 def client(process: Process, concurrency: int = 1) -> triton.InferenceServerClient:

@@ -297,9 +297,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             if place is not None:
                 place.release()
-            label = sidecar.model_label(model)
-            sidecar.metrics.requests.labels(label, str(code)).inc()
-            sidecar.metrics.latency.labels(label).observe(time.perf_counter() - start)
+            sidecar.metrics.answered(sidecar.model_label(model), code, time.perf_counter() - start)
         retry = (("retry-after", "1"),) if error.status in RETRY_LATER else ()
         await context.abort(grpc_code(error.status), error.reason, retry)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -77,6 +78,7 @@ from leanserve_serving.tensors import (
     encode_request,
     encode_response,
     non_finite,
+    split_body,
 )
 
 if TYPE_CHECKING:
@@ -119,6 +121,14 @@ SHARED_CLIENT_ERRORS = frozenset({404, 408, 429})
 #: The least time between two reads of a model's inputs prompted by requests they refused: a flood of bad
 #: requests is no flood of metadata reads.
 SPEC_REREAD_S = 1.0
+
+
+def passes_through(config: SidecarConfig) -> bool:
+    """Whether REST infer requests go upstream as they came, undecoded: when nothing here needs their tensors,
+    with batching off (``max_batch_size`` 1: no batch to merge them into) and no response cache (no key to
+    make, no answer to store). Decoding, checking and encoding again cost the sidecar more than the whole
+    hop (measured in benchmarks/serving.py); the upstream checks the request as it would for a direct client."""
+    return config.max_batch_size <= 1 and not config.redis_url
 
 
 def one_members_fault(exc: Exception) -> bool:
@@ -181,6 +191,16 @@ class SidecarMetrics:
             "leanserve_redis_up", "1 when the cache's Redis answers, 0 when serving uncached", registry=r
         )
         self.upstream_up = Gauge("leanserve_upstream_up", "1 when the upstream model server is ready", registry=r)
+        # Children by label values, made once: ``labels()`` takes a lock and checks its arguments on every call,
+        # several times per request. The label values are bounded (known models and UNKNOWN_MODEL, status codes).
+        self._counted = functools.cache(self.requests.labels)
+        self._timed = functools.cache(self.latency.labels)
+        self.queue_of = functools.cache(self.queue_depth.labels)
+
+    def answered(self, model: str, code: int, seconds: float) -> None:
+        """Count one answered request (REST or gRPC) under its model label and HTTP status, and its latency."""
+        self._counted(model, str(code)).inc()
+        self._timed(model).observe(seconds)
 
 
 class Upstream:
@@ -281,6 +301,24 @@ class Upstream:
                 log.warning("event=binary_hop_off upstream=%s reason=%r", self.base_url, str(exc))
                 self.binary = False
         return await self._infer(model, request, binary=False)
+
+    async def relay(self, model: str, body: bytes, header_length: int | None) -> tuple[bytes, int | None]:
+        """Send a client's infer body upstream as it came, and return the answer's payload as it came with its
+        JSON header's length (the pass-through: nothing decoded, checked or encoded again here; the upstream
+        checks the request and writes the answer, errors included, as it would for a direct client)."""
+        start = time.perf_counter()
+        status, raw, answer_length = await self.send("POST", f"/v2/models/{model}/infer", body, header_length)
+        self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
+        if status != 200:
+            payload = error_payload(raw)
+            reason = payload.get("error") if isinstance(payload, dict) else None
+            raise ProtocolError(status if status < 500 else 502, str(reason or f"upstream answered {status}"))
+        self.mark(True)
+        if answer_length is None:
+            return raw, None
+        if not answer_length.isdigit() or not 0 < int(answer_length) <= len(raw):
+            raise ProtocolError(502, f"the upstream's answer is malformed: {HEADER_LENGTH} {answer_length[:40]!r}")
+        return raw, int(answer_length)
 
     async def _infer(self, model: str, request: InferRequest, binary: bool) -> list[Tensor]:
         payload, header_length = encode_request(request, binary, binary_inputs=binary)
@@ -465,6 +503,8 @@ class SidecarState:
     batcher: DynamicBatcher
     caches: ResponseCaches | None
     """None without ``redis_url``: every request goes to the model."""
+    relay: bool = False
+    """Pass requests through as they come (:func:`passes_through`)."""
     watch: asyncio.Task[None] | None = None
     grpc_server: grpc_aio.Server | None = None
     """The v2 gRPC service (grpc_service); None when ``grpc_port`` is 0."""
@@ -513,7 +553,9 @@ class Sidecar:
         caches = ResponseCaches(config, self.metrics) if config.redis_url else None
         if caches is None:
             self.metrics.redis_up.set(0)
-        state = self._state = SidecarState(session, upstream, self.batcher_over(upstream), caches)
+        state = self._state = SidecarState(
+            session, upstream, self.batcher_over(upstream), caches, relay=passes_through(config)
+        )
         await upstream.check_ready()
         if config.grpc_port:
             from leanserve_serving.grpc_service import start_grpc_server  # grpc is loaded only where it serves
@@ -531,7 +573,7 @@ class Sidecar:
             concurrency=self.config.upstream_concurrency,
             stats=BatchStats(
                 on_batch=lambda model, size: self.metrics.batch_size.labels(model).observe(size),
-                on_queue_depth=lambda model, depth: self.metrics.queue_depth.labels(model).set(depth),
+                on_queue_depth=lambda model, depth: self.metrics.queue_of(model).set(depth),
                 on_padding=lambda model, elements: self.metrics.padding.labels(model).inc(elements),
             ),
             isolate=one_members_fault,
@@ -608,7 +650,14 @@ class Sidecar:
         try:
             check_model_name(model)
             place = self.state.batcher.admit()  # before the body is read: refusing costs no decoding
-            decoded = decode_request(await read_body(request), request.headers.get(HEADER_LENGTH))
+            raw = await read_body(request)
+            header_length = request.headers.get(HEADER_LENGTH)
+            if await self.relays(model, header_length):
+                payload, answer_length = await self.relay(model, raw, header_length, place)
+                response = infer_response(payload, answer_length, headers={"X-Leanserve-Source": "model"})
+                code = 200
+                return response
+            decoded = decode_request(raw, header_length)
             body, source = await self.answer(model, decoded, place)
             if decoded.id is not None:
                 body = {**body, "id": decoded.id}
@@ -630,9 +679,31 @@ class Sidecar:
         finally:
             if place is not None:
                 place.release()
-            label = self.model_label(model)
-            self.metrics.requests.labels(label, str(code)).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+            self.metrics.answered(self.model_label(model), code, time.perf_counter() - start)
+
+    async def relays(self, model: str, header_length: str | None) -> bool:
+        """Whether this request is passed through (:func:`passes_through`): when the sidecar relays, for a model
+        the upstream serves (its 404 otherwise, as on the decoding path) and a body the upstream can read (a
+        binary one only to an upstream that lists the binary extension; to one that does not, the sidecar
+        decodes it and sends it on in JSON)."""
+        state = self.state
+        if not state.relay:
+            return False
+        await state.upstream.model_inputs(model)  # read once: the 404 of an unknown model, and its metric label
+        return header_length is None or await state.upstream.speaks_binary()
+
+    async def relay(
+        self, model: str, body: bytes, header_length: str | None, place: Place | None
+    ) -> tuple[bytes, int | None]:
+        """Pass one request through to the upstream in the batcher's slots (its queue bound and timeout hold)."""
+        length = None
+        if header_length is not None:
+            split_body(body, header_length)  # the same 400 as the decoding path for a header past the body
+            length = int(header_length)
+        upstream = self.state.upstream
+        return await self.state.batcher.run_alone(
+            model, lambda: upstream.relay(model, body, length), self.config.request_timeout_s, place
+        )
 
     def model_label(self, model: str) -> str:
         """``model`` when the upstream serves it (its metadata was read), else one label for all the rest:
