@@ -219,3 +219,27 @@ def test_names_the_upstream_does_not_serve_leave_nothing_behind_in_the_sidecar(m
     codes, specs, reread_at = asyncio.run(run())
     assert codes[0] == 200 and set(codes[1:]) == {404}
     assert list(specs) == ["m"] and reread_at == {}
+
+
+# ---- a byte cap per batch ------------------------------------------------------------------------------
+
+
+def test_batches_stop_growing_before_the_upstreams_body_limit(models, workdir, started):
+    """A batch's inputs are capped below the body limit (less room for its header): the model server never
+    answers a merged batch 413 (before, 32 images of 602 kB went over its 8 MiB and came back 413, to be
+    bisected). Here rows of 256 bytes, a 3 KiB cap (12 rows) and a model server taking 4 KiB bodies: 24
+    concurrent rows, unbounded, would make a 6 KiB batch."""
+    server = start(started, model_server(models["mlp"], "mlp", workdir, LEANSERVE_MAX_BODY_BYTES="4096"))
+    car = start(
+        started,
+        sidecar(server.url, workdir, max_batch_size=32, max_wait_ms=200, max_body_bytes=64 * 1024 + 3 * 1024),
+    )
+    bodies = [mlp_request(r) for r in rows(24, seed=7)]
+    got = concurrently(car.url + "/v2/models/mlp/infer", bodies)
+    assert all(status == 200 for status, _, _ in got)
+    assert metric(server.url, "leanserve_model_requests_total", 'code="413",model="mlp"') == 0
+    batches = metric(car.url, "leanserve_batch_size_count", 'model="mlp"')
+    assert batches >= 2  # 24 rows in batches of at most 12
+    assert metric(car.url, "leanserve_batch_size_bucket", 'le="16.0",model="mlp"') == batches
+    assert metric(car.url, "leanserve_batch_size_sum", 'model="mlp"') == 24
+    assert_answers(got, server.url + "/v2/models/mlp/infer", bodies)

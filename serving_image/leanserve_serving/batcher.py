@@ -163,6 +163,18 @@ def rows(request: InferRequest) -> int:
     return request.inputs[0].shape[0] if request.inputs[0].shape else 1
 
 
+def payload_bytes(request: InferRequest) -> int:
+    """The bytes a request's inputs take on the binary hop upstream: the arrays' bytes; a BYTES element its
+    4-byte length and its bytes (str as UTF-8)."""
+    total = 0
+    for tensor in request.inputs:
+        if tensor.datatype == "BYTES":
+            total += sum(4 + len(v if isinstance(v, bytes) else str(v).encode()) for v in tensor.data.ravel())
+        else:
+            total += tensor.data.nbytes
+    return total
+
+
 def merge(requests: list[InferRequest], pad_inputs: PadInputs | None = None) -> InferRequest:
     """One request whose inputs are the given requests' inputs concatenated along dimension 0; an input named
     in ``pad_inputs`` whose parts differ in length is first right-padded with its value along dimension 1 to
@@ -316,6 +328,8 @@ class _Pending:
     timeout_s: float
     length: int | None = None
     """Its padded inputs' own length (dimension 1) when its signature is a padded one; None otherwise."""
+    nbytes: int = 0
+    """Its inputs' bytes on the hop (:func:`payload_bytes`); 0 when the batcher has no byte cap."""
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -328,19 +342,27 @@ class _Group:
     items: list[_Pending] = field(default_factory=list)
     rows: int = 0
     """The rows of ``items`` (kept as they join and leave: the collector is not woken to count them)."""
+    nbytes: int = 0
+    """The hop bytes of ``items``, kept the same way."""
     full: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when ``rows`` reaches the batch size: the collector sleeps until then or its oldest's deadline."""
+    """Set when ``rows`` reaches the batch size or ``nbytes`` the byte cap: the collector sleeps until then or
+    its oldest's deadline."""
     task: asyncio.Task[None] | None = None
 
-    def add(self, pending: _Pending, max_batch_size: int) -> None:
+    def add(self, pending: _Pending, max_batch_size: int, max_batch_bytes: float) -> None:
         self.items.append(pending)
         self.rows += pending.rows
-        if self.rows >= max_batch_size:
+        self.nbytes += pending.nbytes
+        if self.rows >= max_batch_size or self.nbytes >= max_batch_bytes:
             self.full.set()
+
+    def filled(self, max_batch_size: int, max_batch_bytes: float) -> bool:
+        return self.rows >= max_batch_size or self.nbytes >= max_batch_bytes
 
     def pop(self) -> _Pending:
         item = self.items.pop(0)
         self.rows -= item.rows
+        self.nbytes -= item.nbytes
         return item
 
 
@@ -377,6 +399,7 @@ class DynamicBatcher:
         max_queue_wait_s: float = math.inf,
         pad_inputs: PadInputs | None = None,
         declared_outputs: Callable[[str], Sequence[TensorSpec] | None] = lambda model: None,
+        max_batch_bytes: float = math.inf,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max(1, max_batch_size)
@@ -389,6 +412,7 @@ class DynamicBatcher:
         self.isolate = isolate
         self.pad_inputs: dict[str, float | int] = dict(pad_inputs or {})
         self.declared_outputs = declared_outputs
+        self.max_batch_bytes = max_batch_bytes
         self.groups: dict[tuple[Any, ...], _Group] = {}
         self.queued = 0
         self.reserved = 0
@@ -438,7 +462,8 @@ class DynamicBatcher:
         key = signature(model, request, self.pad_inputs)
         length = padded_length(request, self.pad_inputs) if key is not None else None
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, loop.create_future(), rows(request), timeout_s, length)
+        nbytes = payload_bytes(request) if self.max_batch_bytes < math.inf else 0
+        pending = _Pending(request, loop.create_future(), rows(request), timeout_s, length, nbytes)
         if key is None or pending.rows >= self.max_batch_size:
             self.queued += 1  # waits for a slot like any queued request
             self.stats.on_queue_depth(model, self.queued)
@@ -448,7 +473,7 @@ class DynamicBatcher:
             if group is None:
                 group = self.groups[key] = _Group()
                 group.task = asyncio.create_task(self._collect(model, key, group))
-            group.add(pending, self.max_batch_size)
+            group.add(pending, self.max_batch_size, self.max_batch_bytes)
             self.queued += 1
             self.stats.on_queue_depth(model, self.queued)
         # The caller waits on its future itself, with a timer that fails it at the deadline (wait_for and shield
@@ -522,15 +547,16 @@ class DynamicBatcher:
         try:
             while group.items:
                 remaining = group.items[0].enqueued + self.max_wait_s - time.monotonic()
-                if group.rows < self.max_batch_size and remaining > 0:  # wait for a full batch or the deadline
+                if remaining > 0 and not group.filled(self.max_batch_size, self.max_batch_bytes):
                     group.full.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(group.full.wait(), remaining)
                 await self.slots.acquire()  # requests keep joining while every slot is busy
-                batch, size, padded = [], 0, PaddedSize()
+                batch, size, nbytes, padded = [], 0, 0, PaddedSize()
                 while (
                     group.items
                     and size + group.items[0].rows <= self.max_batch_size
+                    and (not batch or nbytes + group.items[0].nbytes <= self.max_batch_bytes)
                     and padded.admits(group.items[0].rows, group.items[0].length)
                 ):
                     item = group.pop()
@@ -538,6 +564,7 @@ class DynamicBatcher:
                     if _still_wanted(item, time.monotonic()):  # callers gone or past their deadline are skipped
                         batch.append(item)
                         size += item.rows
+                        nbytes += item.nbytes
                         padded.add(item.rows, item.length)
                 if not batch and group.items:  # a single request larger than what is left: send it alone
                     batch = [group.pop()]
@@ -550,7 +577,7 @@ class DynamicBatcher:
         finally:
             self.groups.pop(key, None)
             if group.items:  # raced with a late submit: hand them to a fresh collector
-                fresh = self.groups[key] = _Group(items=group.items, rows=group.rows)
+                fresh = self.groups[key] = _Group(items=group.items, rows=group.rows, nbytes=group.nbytes)
                 fresh.task = asyncio.create_task(self._collect(model, key, fresh))
 
     def _launch(self, model: str, batch: list[_Pending], slot_held: bool = False) -> None:

@@ -131,6 +131,18 @@ def passes_through(config: SidecarConfig) -> bool:
     return config.max_batch_size <= 1 and not config.redis_url
 
 
+#: What a merged request's JSON header may take of the upstream's body limit (names, shapes, sizes).
+BATCH_HEADER_ALLOWANCE = 64 * 1024
+
+
+def batch_byte_cap(config: SidecarConfig) -> int:
+    """The most input bytes one batch sends upstream: the body limit (``max_body_bytes``, the model server's
+    too by default) less room for the JSON header. 32 images of 602 kB each went over the model server's
+    8 MiB and came back 413, to be bisected; a batch now stops growing before that. Padding may still take
+    a padded batch past it, and a JSON-only upstream's bodies are larger: the 413 bisection stays behind."""
+    return max(1, config.max_body_bytes - BATCH_HEADER_ALLOWANCE)
+
+
 def one_members_fault(exc: Exception) -> bool:
     """Whether a failed batch's error may be one member's doing (a 4xx from the upstream, but those in
     :data:`SHARED_CLIENT_ERRORS`): the batcher then bisects the batch rather than fail every member."""
@@ -580,6 +592,7 @@ class Sidecar:
             max_queue_wait_s=self.config.max_queue_wait_s or self.config.request_timeout_s,
             pad_inputs=self.config.pad_inputs,
             declared_outputs=upstream.output_specs.get,  # read with the inputs when the request was checked
+            max_batch_bytes=batch_byte_cap(self.config),
         )
 
     async def watch(self, state: SidecarState) -> None:
