@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -208,6 +209,9 @@ def create_app(config: ModelServerConfig) -> web.Application:
     )
     metrics = ModelServerMetrics()
     metrics.load_seconds.set(model.load_seconds)
+    # One model: its children made once (``labels()`` takes a lock and checks its arguments on every call).
+    run_time, batch_rows = metrics.inference.labels(model.name), metrics.batch.labels(model.name)
+    answered = functools.cache(lambda code: metrics.requests.labels(model.name, str(code)))
     executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ort")
     timer = RunTimer()
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
@@ -257,8 +261,8 @@ def create_app(config: ModelServerConfig) -> web.Application:
                 outputs = await loop.run_in_executor(executor, target.run, feeds, decoded.outputs)
             elapsed = time.perf_counter() - start
             timer.add(elapsed)
-            metrics.inference.labels(target.name).observe(elapsed)
-            metrics.batch.labels(target.name).observe(rows)
+            run_time.observe(elapsed)
+            batch_rows.observe(rows)
             body = encode_response(target.name, target.version, decoded.id, outputs)
             return infer_response(*encode_body(body, decoded.encoding))
         except ProtocolError as exc:
@@ -271,7 +275,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
             code = 500
             raise
         finally:
-            metrics.requests.labels(target.name, str(code)).inc()
+            answered(code).inc()
 
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
