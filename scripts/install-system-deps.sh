@@ -2,7 +2,7 @@
 # Install the system packages the test suite needs, when they are missing.
 #   openssl       - certificates for the test control plane
 #   redis-server  - the real Redis the cache tests run against
-#   hey           - the HTTP load generator of benchmarks/serving.py
+#   hey           - the load generator of `leanserve demo` where Go is missing (leanserve.loadgen)
 #   prometheus    - the real Prometheus (and promtool, for backfilled blocks) the observer tests start;
 #                   installed without leaving a service running or enabled (see below)
 #   buildah, debootstrap, binutils - build the images without a Docker engine (make images)
