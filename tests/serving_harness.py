@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +158,17 @@ def post_raw(url: str, body: bytes, headers: dict[str, str], timeout: float = 10
             return resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
+
+
+@contextlib.contextmanager
+def serving_in_thread(server: ThreadingHTTPServer) -> Iterator[str]:
+    """``server`` (a real HTTP server on a loopback port) serving from a daemon thread for the block; yields its
+    base URL, then shuts it down and closes its socket."""
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.serving_harness import serving_in_thread
+
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ["-c", "4", "-warmup", "100ms", "-duration", "300ms"]
 BODY = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 1.5]}]}\n\x00\xff'
@@ -89,16 +91,8 @@ def http_server(status: int) -> Iterator[tuple[str, Recorder]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/m/infer", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving_in_thread(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url + "/v2/models/m/infer", seen
 
 
 def test_http_mode_sends_the_body_and_headers_as_they_are_and_counts_answers(benchload, tmp_path) -> None:

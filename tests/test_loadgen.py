@@ -21,6 +21,7 @@ import pytest
 
 from leanserve import loadgen
 from leanserve.loadgen import LoadResult, hey_argv, load_test, parse_hey, parse_loadgen
+from tests.serving_harness import serving_in_thread
 
 HEY_REPORTS = Path(__file__).parent / "fixtures" / "hey"
 
@@ -104,14 +105,8 @@ def counting_server() -> Iterator[tuple[str, Counter[int]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v2/models/m/infer", sent
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_in_thread(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as url:
+        yield url + "/v2/models/m/infer", sent
 
 
 @pytest.mark.skipif(shutil.which("hey") is None, reason="hey is not installed (apt-get install hey)")

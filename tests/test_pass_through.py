@@ -9,7 +9,6 @@ through the pass-through and a real model server, is in test_binary_protocol.py 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from leanserve_serving.config import SidecarConfig
 from leanserve_serving.sidecar import passes_through
-from tests.serving_harness import Process, metric, post_raw, sidecar
+from tests.serving_harness import Process, metric, post_raw, serving_in_thread, sidecar
 
 #: The recording upstream's answer: spacing and a key the sidecar would never write, so a relayed answer is
 #: told from one the sidecar encoded again.
@@ -89,11 +88,8 @@ class RecorderHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def recorder(request: pytest.FixtureRequest) -> Iterator[Recorder]:
     server = Recorder(getattr(request, "param", ["binary_tensor_data"]))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving_in_thread(server):
+        yield server
 
 
 @pytest.fixture
