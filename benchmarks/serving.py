@@ -38,7 +38,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -48,8 +48,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from leanserve_serving.local import free_port, pinned, stop_processes  # noqa: E402
-from leanserve_serving.proto import grpc_predict_v2_pb2 as pb  # noqa: E402
 from tests.onnx_models import make_mlp  # noqa: E402
+
+if TYPE_CHECKING:
+    from leanserve_serving.proto import grpc_predict_v2_pb2 as pb
 
 #: The setups of leanserve: sidecar settings on top of the defaults.
 STACKS = {
@@ -232,6 +234,11 @@ def bodies(name: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
 
 
 def grpc_request(name: str, x: np.ndarray) -> pb.ModelInferRequest:
+    """The v2 ModelInferRequest for ``x`` (raw contents). The generated module is imported here, not with the
+    benchmark: it registers the ``inference`` protobuf package, which a process that loaded tritonclient's own
+    (the test suite) cannot register twice."""
+    from leanserve_serving.proto import grpc_predict_v2_pb2 as pb
+
     return pb.ModelInferRequest(
         model_name=name,
         inputs=[pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))],
