@@ -321,17 +321,20 @@ class Upstream:
                 self.binary = False
         return await self._infer(model, request, binary=False)
 
+    async def _post_infer(self, model: str, body: bytes, header_length: int | None) -> tuple[int, bytes, str | None]:
+        """One infer call upstream (:meth:`send`), its time in ``leanserve_upstream_duration_seconds``."""
+        start = time.perf_counter()
+        answer = await self.send("POST", f"/v2/models/{model}/infer", body, header_length)
+        self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
+        return answer
+
     async def relay(self, model: str, body: bytes, header_length: int | None) -> tuple[bytes, int | None]:
         """Send a client's infer body upstream as it came, and return the answer's payload as it came with its
         JSON header's length (the pass-through: nothing decoded, checked or encoded again here; the upstream
         checks the request and writes the answer, errors included, as it would for a direct client)."""
-        start = time.perf_counter()
-        status, raw, answer_length = await self.send("POST", f"/v2/models/{model}/infer", body, header_length)
-        self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
+        status, raw, answer_length = await self._post_infer(model, body, header_length)
         if status != 200:
-            payload = error_payload(raw)
-            reason = payload.get("error") if isinstance(payload, dict) else None
-            raise ProtocolError(status if status < 500 else 502, str(reason or f"upstream answered {status}"))
+            raise ProtocolError(status if status < 500 else 502, error_reason(raw, status))
         self.mark(True)
         if answer_length is None:
             return raw, None
@@ -341,12 +344,10 @@ class Upstream:
 
     async def _infer(self, model: str, request: InferRequest, binary: bool) -> list[Tensor]:
         payload, header_length = encode_request(request, binary, binary_inputs=binary)
-        start = time.perf_counter()
-        status, raw, answer_length = await self.send("POST", f"/v2/models/{model}/infer", payload, header_length)
-        self.metrics.upstream_latency.labels(model).observe(time.perf_counter() - start)
+        status, raw, answer_length = await self._post_infer(model, payload, header_length)
         if status != 200:
-            reason = error_payload(raw).get("error", f"upstream answered {status}")
-            if header_length is not None and status == 400 and str(reason).startswith("invalid JSON"):
+            reason = error_reason(raw, status)
+            if header_length is not None and status == 400 and reason.startswith("invalid JSON"):
                 raise BinaryHopLostError(f"the upstream read a binary request as JSON: {reason}")
             raise ProtocolError(status if status < 500 else 502, reason)
         self.mark(True)
@@ -360,6 +361,13 @@ class Upstream:
 
 class BinaryHopLostError(Exception):
     """A binary request or answer lost its ``Inference-Header-Content-Length`` between sidecar and upstream."""
+
+
+def error_reason(raw: bytes, status: int) -> str:
+    """The reason an upstream gave for a failed call: its v2 error's text, else which status it answered."""
+    payload = error_payload(raw)
+    reason = payload.get("error") if isinstance(payload, dict) else None
+    return str(reason or f"upstream answered {status}")
 
 
 def error_payload(raw: bytes) -> Any:
