@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from leanserve_serving.model_server import INLINE_RUN_S, RunTimer, runs_inline
+from leanserve_serving.model_server import INLINE_RUN_S, runs_inline
+from leanserve_serving.recent import RecentMean
 
 
 @pytest.mark.parametrize(
@@ -21,12 +22,12 @@ def test_only_short_timed_runs_with_one_in_flight_run_inline(recent_s: float, co
     assert runs_inline(recent_s, concurrency) is inline
 
 
-def test_the_run_timer_follows_recent_runs() -> None:
-    timer = RunTimer()
-    assert timer.recent_s == 0
+def test_the_recent_run_time_follows_recent_runs() -> None:
+    timer = RecentMean()
+    assert timer.value == 0
     timer.add(0.0002)
-    assert timer.recent_s == pytest.approx(0.0002)
+    assert timer.value == pytest.approx(0.0002)
     for _ in range(30):  # the model turned slow (a larger batch): the loop hands runs back to the thread
         timer.add(0.01)
-    assert not runs_inline(timer.recent_s, 1)
-    assert timer.recent_s == pytest.approx(0.01, rel=0.01)
+    assert not runs_inline(timer.value, 1)
+    assert timer.value == pytest.approx(0.01, rel=0.01)

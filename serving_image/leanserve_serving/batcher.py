@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
+from leanserve_serving.recent import RecentMean
 from leanserve_serving.tensors import InferRequest, Tensor, TensorSpec
 
 T = TypeVar("T")
@@ -417,8 +418,8 @@ class DynamicBatcher:
         self.queued = 0
         self.reserved = 0
         """Places taken by requests being read, decoded and checked: they count against ``max_queue``."""
-        self.service_s = 0.0
-        """Recent seconds per upstream call (moving average of the successful ones); 0 until the first."""
+        self.service = RecentMean()
+        """Recent seconds per upstream call (of the successful ones); 0 until the first."""
         self._running: dict[object, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -427,7 +428,7 @@ class DynamicBatcher:
         taken longer (a frozen model server shows here before any call ends)."""
         oldest = min(self._running.values(), default=None)
         running = time.monotonic() - oldest if oldest is not None else 0.0
-        return max(self.service_s, running)
+        return max(self.service.value, running)
 
     def admit(self) -> Place:
         """A place in the queue, or :class:`QueueFullError` / :class:`WaitTooLongError` at once.
@@ -531,16 +532,12 @@ class DynamicBatcher:
             if not answer.done():
                 answer.set_exception(exc)
         else:
-            self._served(time.monotonic() - start)
+            self.service.add(time.monotonic() - start)
             if not answer.done():
                 answer.set_result(result)
         finally:
             del self._running[token]
             self.slots.release()
-
-    def _served(self, elapsed: float) -> None:
-        """One upstream call's time into the recent service time (moving average)."""
-        self.service_s = elapsed if self.service_s == 0 else 0.8 * self.service_s + 0.2 * elapsed
 
     async def _collect(self, model: str, key: tuple[Any, ...], group: _Group) -> None:
         """Form batches for one signature until its queue is empty, then retire."""
@@ -635,7 +632,7 @@ class DynamicBatcher:
             outputs = await self.run_batch(model, merge([p.request for p in batch], self.pad_inputs))
         finally:
             del self._running[token]
-        self._served(time.monotonic() - start)
+        self.service.add(time.monotonic() - start)
         if not self.pad_inputs:
             return split(outputs, sizes)
         return split(outputs, sizes, lengths, sequence_outputs_of(self.declared_outputs(model)))

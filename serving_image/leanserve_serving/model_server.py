@@ -35,6 +35,7 @@ from leanserve_serving.http import (
     read_body,
     serve_main,
 )
+from leanserve_serving.recent import RecentMean
 from leanserve_serving.tensors import (
     EXTENSIONS,
     HEADER_LENGTH,
@@ -66,16 +67,6 @@ def runs_inline(recent_run_s: float, concurrency: int) -> bool:
     (``concurrency`` 1: several runs in flight need the worker threads, on several cores), and only once a
     run has been timed (``recent_run_s`` > 0) and found short."""
     return concurrency == 1 and 0 < recent_run_s <= INLINE_RUN_S
-
-
-class RunTimer:
-    """The recent ``session.run`` time, a moving average of the measured runs (0 until the first)."""
-
-    def __init__(self) -> None:
-        self.recent_s = 0.0
-
-    def add(self, seconds: float) -> None:
-        self.recent_s = seconds if self.recent_s == 0 else 0.8 * self.recent_s + 0.2 * seconds
 
 
 def spec_of(node: Any) -> TensorSpec:
@@ -213,7 +204,7 @@ def create_app(config: ModelServerConfig) -> web.Application:
     run_time, batch_rows = metrics.inference.labels(model.name), metrics.batch.labels(model.name)
     answered = functools.cache(lambda code: metrics.requests.labels(model.name, str(code)))
     executor = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="ort")
-    timer = RunTimer()
+    run_s = RecentMean()  # the recent session.run time
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[protocol_errors])
     drain = drainable(app)
     app["model"] = model
@@ -254,13 +245,13 @@ def create_app(config: ModelServerConfig) -> web.Application:
             first = decoded.inputs[0]
             rows = first.shape[0] if first.shape else 1
             start = time.perf_counter()
-            if runs_inline(timer.recent_s, config.concurrency):
+            if runs_inline(run_s.value, config.concurrency):
                 outputs = target.run(feeds, decoded.outputs)
             else:
                 loop = asyncio.get_running_loop()
                 outputs = await loop.run_in_executor(executor, target.run, feeds, decoded.outputs)
             elapsed = time.perf_counter() - start
-            timer.add(elapsed)
+            run_s.add(elapsed)
             run_time.observe(elapsed)
             batch_rows.observe(rows)
             body = encode_response(target.name, target.version, decoded.id, outputs)
