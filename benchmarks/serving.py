@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -47,6 +46,7 @@ from onnx import TensorProto, helper
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from leanserve.loadgen import GoBuildError, build_go_binary, go_binary_path  # noqa: E402
 from leanserve_serving.local import free_port, pinned, stop_processes  # noqa: E402
 from tests.onnx_models import make_mlp  # noqa: E402
 
@@ -131,29 +131,18 @@ def benchload_binary() -> Path:
     """hack/benchload, built on first use into ``.cache/benchload-<hash of its sources>`` (so a binary built from
     older sources is never taken for the current one); SystemExit, saying why, when Go is missing or the build
     fails."""
-    digest = hashlib.sha256()
-    for name in ("main.go", "go.mod", "go.sum"):
-        digest.update(name.encode() + b"\0" + (BENCHLOAD_SOURCE / name).read_bytes() + b"\0")
-    binary = BENCHLOAD_DIR / f"benchload-{digest.hexdigest()[:16]}"
+    binary = go_binary_path(BENCHLOAD_SOURCE, "benchload", BENCHLOAD_DIR)
     if binary.exists():
         return binary
-    go = shutil.which("go")
-    if go is None:
+    if shutil.which("go") is None:
         raise SystemExit(
             "the serving benchmark's load generator (hack/benchload) is Go and `go` is not on PATH: "
             "install it with scripts/install-system-deps.sh --with-go (go 1.24 or newer)"
         )
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")  # concurrent builds never meet
     try:
-        built = subprocess.run(
-            [go, "build", "-o", str(partial), "."], cwd=BENCHLOAD_SOURCE, capture_output=True, text=True, check=False
-        )
-        if built.returncode != 0:
-            raise SystemExit(f"building hack/benchload failed:\n{built.stderr}")
-        partial.replace(binary)
-    finally:
-        partial.unlink(missing_ok=True)
+        build_go_binary(BENCHLOAD_SOURCE, binary)
+    except GoBuildError as exc:
+        raise SystemExit(f"building hack/benchload failed:\n{exc}") from None
     return binary
 
 

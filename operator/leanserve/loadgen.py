@@ -15,6 +15,7 @@ decide what to load and at what rate, this module only offers it and reads the a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,14 +48,42 @@ class LoadResult:
     """The fraction of requests not answered with 200 (a transport error, such as a refused connection, counts)."""
 
 
-def loadgen_binary(source: Path = LOADGEN_SOURCE) -> Path:
-    """Where hack/loadgen built from ``source`` lives: named after a hash of its Go sources, so a binary built
-    from older sources (one without ``-bodies``, say) is never taken for the current one."""
+class GoBuildError(RuntimeError):
+    """A Go program could not be built here: Go is missing, or ``go build`` failed (its output is the message)."""
+
+
+def go_binary_path(source: Path, name: str, cache: Path) -> Path:
+    """Where the Go program in ``source`` is built: ``cache/<name>-<hash of its sources>`` (its .go files but the
+    tests, go.mod, and go.sum where it has one), so a binary built from older sources is never taken for the
+    current one."""
     digest = hashlib.sha256()
-    for path in sorted([*source.glob("*.go"), source / "go.mod"]):
+    for path in sorted([*source.glob("*.go"), source / "go.mod", source / "go.sum"]):
         if path.is_file() and not path.name.endswith("_test.go"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return LOADGEN_DIR / f"loadgen-{digest.hexdigest()[:16]}"
+    return cache / f"{name}-{digest.hexdigest()[:16]}"
+
+
+def build_go_binary(source: Path, binary: Path) -> None:
+    """``go build`` the program in ``source`` into ``binary``, through a partial file renamed at the end (two
+    concurrent builds never meet, and a failed one leaves nothing); :class:`GoBuildError` saying why."""
+    go = shutil.which("go")
+    if go is None:
+        raise GoBuildError("`go` is not on PATH")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial").resolve()  # go build runs in ``source``
+    try:
+        built = subprocess.run([go, "build", "-o", str(partial), "."], cwd=source, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise GoBuildError(built.stderr.strip() or f"go build exited with {built.returncode}")
+        partial.replace(binary)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def loadgen_binary(source: Path = LOADGEN_SOURCE) -> Path:
+    """Where hack/loadgen built from ``source`` lives (:func:`go_binary_path`): a binary built from older
+    sources (one without ``-bodies``, say) is never taken for the current one."""
+    return go_binary_path(source, "loadgen", LOADGEN_DIR)
 
 
 def poisson_loadgen() -> Path | None:
@@ -62,13 +91,9 @@ def poisson_loadgen() -> Path | None:
     if not LOADGEN_SOURCE.is_dir():
         return None
     binary = loadgen_binary()
-    if not binary.exists() and shutil.which("go"):
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")  # concurrent builds never meet
-        argv = ["go", "build", "-o", str(partial.resolve()), "."]
-        if subprocess.run(argv, cwd=LOADGEN_SOURCE, check=False, capture_output=True).returncode == 0:
-            partial.replace(binary)
-        partial.unlink(missing_ok=True)
+    if not binary.exists():
+        with contextlib.suppress(GoBuildError):  # no Go, or no build: hey instead
+            build_go_binary(LOADGEN_SOURCE, binary)
     return binary if binary.exists() else None
 
 
