@@ -17,6 +17,7 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
+from leanserve_serving.tensors import binary_size, tensor_bytes
 from tests.onnx_models import make_kinds, make_log, make_mlp, make_text
 from tests.serving_harness import Process, get, metric, model_server, post, post_raw, sidecar, start_redis
 
@@ -338,3 +339,18 @@ def test_nan_and_infinite_outputs_asked_in_json_are_a_422_naming_the_fix(stack, 
 def test_sidecar_metadata_lists_its_own_extensions(stack):
     status, meta = get(stack["sidecar"]["mlp"].url + "/v2")
     assert status == 200 and meta["extensions"] == ["binary_tensor_data"]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("FP32", np.zeros((3, 4), np.float32)),
+        ("FP16", np.zeros(5, np.float16)),
+        ("BOOL", np.array([True, False])),
+        ("INT64", np.arange(7)),
+        ("BYTES", np.array(["ab", b"xyz", "\u00e9", ""], dtype=object)),
+    ],
+)
+def test_binary_size_counts_what_tensor_bytes_makes(datatype: str, data: np.ndarray) -> None:
+    """The batcher's byte cap counts a request's hop bytes without making them: the same count."""
+    assert binary_size(datatype, data) == len(tensor_bytes(datatype, data))

@@ -54,7 +54,7 @@ import numpy as np
 import orjson
 
 from leanserve_serving.recent import RecentMean
-from leanserve_serving.tensors import InferRequest, Tensor, TensorSpec
+from leanserve_serving.tensors import InferRequest, Tensor, TensorSpec, binary_size
 
 T = TypeVar("T")
 
@@ -165,15 +165,8 @@ def rows(request: InferRequest) -> int:
 
 
 def payload_bytes(request: InferRequest) -> int:
-    """The bytes a request's inputs take on the binary hop upstream: the arrays' bytes; a BYTES element its
-    4-byte length and its bytes (str as UTF-8)."""
-    total = 0
-    for tensor in request.inputs:
-        if tensor.datatype == "BYTES":
-            total += sum(4 + len(v if isinstance(v, bytes) else str(v).encode()) for v in tensor.data.ravel())
-        else:
-            total += tensor.data.nbytes
-    return total
+    """The bytes a request's inputs take on the binary hop upstream (:func:`binary_size` of each)."""
+    return sum(binary_size(t.datatype, t.data) for t in request.inputs)
 
 
 def merge(requests: list[InferRequest], pad_inputs: PadInputs | None = None) -> InferRequest:

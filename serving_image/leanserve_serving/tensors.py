@@ -534,6 +534,13 @@ def tensor_bytes(datatype: str, data: Any) -> bytes:
     return np.ascontiguousarray(np.asarray(data), dtype=dtype).tobytes()
 
 
+def binary_size(datatype: str, data: np.ndarray) -> int:
+    """The bytes :func:`tensor_bytes` makes of ``data``, counted without making them."""
+    if datatype == "BYTES":
+        return sum(4 + len(v if isinstance(v, bytes) else str(v).encode()) for v in data.ravel())
+    return data.size * np.dtype(DATATYPES[datatype]).itemsize
+
+
 def non_finite(data: Any) -> int:
     """How many NaN or infinite values ``data`` holds (JSON can carry none of them)."""
     if isinstance(data, np.ndarray) and data.dtype.kind == "f":
