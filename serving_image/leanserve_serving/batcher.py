@@ -347,7 +347,7 @@ class _Group:
         self.items.append(pending)
         self.rows += pending.rows
         self.nbytes += pending.nbytes
-        if self.rows >= max_batch_size or self.nbytes >= max_batch_bytes:
+        if self.filled(max_batch_size, max_batch_bytes):
             self.full.set()
 
     def filled(self, max_batch_size: int, max_batch_bytes: float) -> bool:
